@@ -1,0 +1,172 @@
+"""Ingest throughput against its anchor: plain kafka-python consumption of the same topic.
+
+In one run: start the embedded broker, produce N usage events (default
+1,000,000; 1 % producer resends), then alternate, for several rounds,
+
+  (a) a plain kafka-python consumer reading the topic (no decode, no store), and
+  (b) finopsd's ingest of the same topic into a fresh DuckDB file: decode and
+      validate, dedup, dead-letter handling, rows and offsets in one
+      transaction per batch, offsets committed back to Kafka.
+
+Each is timed from its first non-empty poll to its last record (for (b): to
+the final batch stored and committed). Prints each rate, each pair's ratio
+b/a, and the median ratio last. The machine's speed drifts run to run, which
+is why the anchor is measured in the same run, alternating.
+
+    python bench/ingest.py [--events N] [--rounds R] [--partitions P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from kafka import KafkaConsumer, TopicPartition
+
+from finopsd.config import load_settings
+from finopsd.daemon import consumer_config
+from finopsd.events import UsageEvent
+from finopsd.ingest.broker import EmbeddedBroker, ensure_topics
+from finopsd.ingest.decode import BatchDecoder
+from finopsd.ingest.loadgen import UsageLoad, produce
+from finopsd.ingest.pipeline import Ingestor, IngestWorker, Route
+from finopsd.store import Store
+
+TOPIC = "bench.usage"
+
+
+def _produce_part(args: tuple[str, int, int]) -> int:
+    bootstrap, seed, count = args
+    load = UsageLoad(seed=seed, duplicate_share=0.01)
+    return produce(bootstrap, TOPIC, itertools.islice(iter(load), count), count)
+
+
+def produce_all(bootstrap: str, events: int, procs: int) -> float:
+    started = time.perf_counter()
+    share = [events // procs + (i < events % procs) for i in range(procs)]
+    with mp.get_context("spawn").Pool(procs) as pool:
+        sent = sum(pool.map(_produce_part, [(bootstrap, 1000 + i, n) for i, n in enumerate(share)]))
+    assert sent == events, (sent, events)
+    return time.perf_counter() - started
+
+
+def raw_consume(bootstrap: str, events: int, partitions: int, settings) -> float:  # noqa: ANN001
+    config = consumer_config(settings, bootstrap)
+    config.update(group_id=None)
+    consumer = KafkaConsumer(**config)
+    consumer.assign([TopicPartition(TOPIC, p) for p in range(partitions)])
+    consumer.seek_to_beginning()
+    seen, started = 0, None
+    while seen < events:
+        for records in consumer.poll(
+            timeout_ms=500, max_records=config["max_poll_records"]
+        ).values():
+            if started is None:
+                started = time.perf_counter()
+            for _record in records:
+                seen += 1
+    elapsed = time.perf_counter() - (started or time.perf_counter())
+    consumer.close(autocommit=False)
+    return elapsed
+
+
+def finopsd_ingest(bootstrap: str, events: int, settings, round_no: int) -> float:  # noqa: ANN001
+    config = consumer_config(settings, bootstrap)
+    config.update(group_id=f"bench-{round_no}-{time.time_ns()}")
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Store(
+            Path(tmp) / "bench.duckdb",
+            threads=int(__import__("os").environ.get("XDT", "0")) or None,
+        ) as store,
+    ):
+        window = timedelta(hours=settings.ingest.dedup_window_hours)
+        worker = IngestWorker(
+            store,
+            {TOPIC: Route(BatchDecoder(UsageEvent), window)},
+            dead_letters=None,
+            batch_max_events=settings.ingest.batch_max_events,
+            batch_max_age_s=settings.ingest.batch_max_age_ms / 1000,
+            queue_chunks=settings.ingest.queue_chunks,
+        )
+        started: list[float] = []
+        ingestor: Ingestor
+
+        def on_poll() -> None:
+            if ingestor.polled and not started:
+                started.append(time.perf_counter())
+            if ingestor.polled >= events:
+                ingestor.stop()
+
+        ingestor = Ingestor(
+            lambda: KafkaConsumer(**config),
+            worker,
+            [TOPIC],
+            max_poll_records=config["max_poll_records"],
+            on_poll=on_poll,
+        )
+        ingestor.run()
+        elapsed = time.perf_counter() - started[0]
+        stored = worker.stats.snapshot()
+        rows = store.counts()["usage_events"]
+    assert stored["records"] == events, stored
+    assert rows + sum(stored["duplicates"].values()) == events, (rows, stored)
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--producers", type=int, default=2)
+    args = parser.parse_args()
+
+    settings = load_settings(
+        None,
+        env={
+            **{k: v for k, v in __import__("os").environ.items() if k.startswith("FINOPSD_")},
+            "FINOPSD_KAFKA__SESSION_TIMEOUT_MS": "6000",
+            "FINOPSD_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
+        },
+    )
+    with EmbeddedBroker() as broker:
+        ensure_topics(broker.bootstrap, {TOPIC: args.partitions})
+        took = produce_all(broker.bootstrap, args.events, args.producers)
+        print(
+            f"produced {args.events:,} events to {args.partitions} partitions in {took:.1f}s",
+            flush=True,
+        )
+        ratios = []
+        for r in range(1, args.rounds + 1):
+            a = raw_consume(broker.bootstrap, args.events, args.partitions, settings)
+            b = finopsd_ingest(broker.bootstrap, args.events, settings, r)
+            ra, rb = args.events / a, args.events / b
+            ratios.append(rb / ra)
+            print(
+                f"round {r}: (a) kafka-python {ra:>9,.0f} ev/s   (b) finopsd ingest {rb:>9,.0f} ev/s"
+                f"   b/a {rb / ra:.3f}",
+                flush=True,
+            )
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {peak_mib:,.0f} MiB")
+    print(f"median ratio b/a: {statistics.median(ratios):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "bench"
+    import os as _os
+
+    if _os.environ.get("XSW"):
+        sys.setswitchinterval(float(_os.environ["XSW"]))
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""finopsd: FinOps daemon for AI."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from finopsd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,230 @@
+"""Settings: config.toml, then environment overrides, validated with pydantic.
+
+Every key has a default, so an empty file is a valid configuration (the
+embedded default). An environment variable ``FINOPSD_<SECTION>__<KEY>``
+overrides ``[section] key``, e.g. ``FINOPSD_KAFKA__BOOTSTRAP_SERVERS``.
+Relative paths are resolved against the directory of the config file.
+
+``load_settings`` raises ``ConfigError`` whose message names the key (or the
+environment variable) and says what is wrong; it never shows a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+ENV_PREFIX = "FINOPSD_"
+DEFAULT_CONFIG = Path("config.toml")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the key and the reason."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = Field(
+        "embedded", min_length=1, description='"embedded", or host:port[,host:port...]'
+    )
+    group_id: str = Field("finopsd", min_length=1)
+    client_id: str = Field("finopsd", min_length=1)
+    usage_topic: str = Field("llm.usage", min_length=1)
+    gpu_topic: str = Field("gpu.metrics", min_length=1)
+    dead_letter_topic: str = Field("finopsd.dead-letters", min_length=1)
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int = Field(10_000, ge=1_000, le=600_000)
+    heartbeat_interval_ms: int = Field(3_000, ge=100)
+    max_poll_interval_ms: int = Field(300_000, ge=1_000)
+    max_poll_records: int = Field(10_000, ge=1)
+    fetch_max_bytes: int = Field(64 << 20, ge=1 << 10)
+    max_partition_fetch_bytes: int = Field(16 << 20, ge=1 << 10)
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    sasl_password_file: Path | None = None
+    ssl_cafile: Path | None = None
+
+    @model_validator(mode="after")
+    def _sasl(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
+            raise ValueError("sasl_mechanism is required when security_protocol is SASL_*")
+        if self.sasl_password and self.sasl_password_file:
+            raise ValueError("set sasl_password or sasl_password_file, not both")
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.bootstrap_servers == "embedded"
+
+    def password(self) -> str | None:
+        """The SASL password, from the environment/config or from its file."""
+        if self.sasl_password is not None:
+            return self.sasl_password.get_secret_value()
+        if self.sasl_password_file is not None:
+            return self.sasl_password_file.read_text().strip()
+        return None
+
+    def client_config(self) -> dict[str, Any]:
+        """Connection settings shared by kafka-python consumers, producers and admin clients."""
+        config: dict[str, Any] = {
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            config["sasl_mechanism"] = self.sasl_mechanism
+            config["sasl_plain_username"] = self.sasl_username
+            config["sasl_plain_password"] = self.password()
+        if self.ssl_cafile:
+            config["ssl_cafile"] = str(self.ssl_cafile)
+        return config
+
+
+class EmbeddedBrokerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(19092, ge=0, le=65535, description="0 picks a free port")
+    partitions: int = Field(4, ge=1, le=1024, description="partitions of each topic it creates")
+    log_file: Path | None = None
+
+
+class IngestSettings(_Section):
+    batch_max_events: int = Field(50_000, ge=1)
+    batch_max_age_ms: int = Field(1_000, ge=1)
+    max_record_bytes: int = Field(1 << 20, ge=256)
+    queue_chunks: int = Field(8, ge=1, le=1024)
+    dedup_window_hours: float = Field(168, ge=0)
+
+
+class StoreSettings(_Section):
+    path: Path = Path("data/finopsd.duckdb")
+    threads: int | None = Field(None, ge=1)
+    memory_limit: str | None = Field(
+        None, pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$"
+    )
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Settings(_Section):
+    kafka: KafkaSettings = KafkaSettings()
+    embedded_broker: EmbeddedBrokerSettings = EmbeddedBrokerSettings()
+    ingest: IngestSettings = IngestSettings()
+    store: StoreSettings = StoreSettings()
+    log: LogSettings = LogSettings()
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain data, secrets shown as '**********'."""
+        return self.model_dump(mode="json")
+
+
+def _env_overrides(env: Mapping[str, str], sections: Mapping[str, type[BaseModel]]) -> dict:
+    overrides: dict[str, dict[str, str]] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name == f"{ENV_PREFIX}CONFIG":
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section, sep, key = rest.partition("__")
+        if not sep or section not in sections:
+            continue  # not a settings override (e.g. FINOPSD_TANSU_BIN)
+        if key not in sections[section].model_fields:
+            hint = _suggest(key, sections[section].model_fields)
+            raise ConfigError(f"environment variable {name}: unknown key {section}.{key}{hint}")
+        overrides.setdefault(section, {})[key] = value
+    return overrides
+
+
+def _suggest(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _format(error: ValidationError, data: Mapping[str, Any], origin: Mapping[tuple, str]) -> str:
+    lines = []
+    for err in error.errors(include_url=False):
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc)
+        where = origin.get(loc[:2], "")
+        if err["type"] == "extra_forbidden":
+            section_model: Any = Settings
+            for part in loc[:-1]:
+                field = section_model.model_fields.get(part)
+                section_model = field.annotation if field else None
+                if section_model is None:
+                    break
+            choices = section_model.model_fields if section_model else Settings.model_fields
+            lines.append(f"{key}: unknown key{_suggest(loc[-1], choices)}{where}")
+            continue
+        value = data
+        for part in loc:
+            value = value.get(part) if isinstance(value, Mapping) else None
+        shown = "" if value is None or "password" in key else f" (got {value!r})"
+        lines.append(f"{key}: {err['msg']}{shown}{where}")
+    return "\n".join(lines)
+
+
+def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read ``path`` (default: $FINOPSD_CONFIG, else ./config.toml if present), apply env."""
+    env = os.environ if env is None else env
+    if path is None and env.get(f"{ENV_PREFIX}CONFIG"):
+        path = Path(env[f"{ENV_PREFIX}CONFIG"])
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = DEFAULT_CONFIG
+    data: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        base = Path(path).resolve().parent
+    sections = {name: f.annotation for name, f in Settings.model_fields.items()}
+    origin: dict[tuple, str] = {}
+    for section, values in _env_overrides(env, sections).items():  # type: ignore[arg-type]
+        target = data.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"{section}: must be a table ([{section}])")
+        for key, value in values.items():
+            target[key] = value
+            origin[(section, key)] = f" [from {ENV_PREFIX}{section.upper()}__{key.upper()}]"
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        prefix = f"{path}: " if path is not None else ""
+        raise ConfigError(
+            prefix + _format(exc, data, origin).replace("\n", "\n" + prefix)
+        ) from None
+    return _resolve_paths(settings, base)
+
+
+def _resolve_paths(settings: Settings, base: Path) -> Settings:
+    def resolve(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else base / p
+
+    store = settings.store.model_copy(update={"path": resolve(settings.store.path)})
+    broker = settings.embedded_broker.model_copy(
+        update={"log_file": resolve(settings.embedded_broker.log_file)}
+    )
+    kafka = settings.kafka.model_copy(
+        update={
+            "sasl_password_file": resolve(settings.kafka.sasl_password_file),
+            "ssl_cafile": resolve(settings.kafka.ssl_cafile),
+        }
+    )
+    return settings.model_copy(update={"store": store, "embedded_broker": broker, "kafka": kafka})

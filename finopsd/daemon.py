@@ -1,0 +1,156 @@
+"""The long-running daemon: wires settings to the broker, the store and ingest.
+
+``Daemon(settings).run()`` blocks until SIGTERM or SIGINT, then finishes the
+batch in flight, stores it, commits its offsets and returns 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from datetime import timedelta
+from types import FrameType
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+
+from finopsd.config import Settings
+from finopsd.events import GpuSample, UsageEvent
+from finopsd.ingest.broker import EmbeddedBroker, ensure_topics
+from finopsd.ingest.decode import BatchDecoder
+from finopsd.ingest.pipeline import DeadLetterSink, Ingestor, IngestStats, IngestWorker, Route
+from finopsd.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def kafka_endpoint(settings: Settings) -> Iterator[str]:
+    """The bootstrap address to use; starts and stops the embedded broker when configured."""
+    if not settings.kafka.embedded:
+        yield settings.kafka.bootstrap_servers
+        return
+    eb = settings.embedded_broker
+    with EmbeddedBroker(eb.host, eb.port, log_file=eb.log_file) as broker:
+        yield broker.bootstrap
+
+
+def consumer_config(settings: Settings, bootstrap: str) -> dict[str, Any]:
+    k = settings.kafka
+    return {
+        **k.client_config(),
+        "bootstrap_servers": bootstrap,
+        "group_id": k.group_id,
+        "enable_auto_commit": False,
+        "auto_offset_reset": k.auto_offset_reset,
+        "session_timeout_ms": k.session_timeout_ms,
+        "heartbeat_interval_ms": k.heartbeat_interval_ms,
+        "max_poll_interval_ms": k.max_poll_interval_ms,
+        "max_poll_records": k.max_poll_records,
+        "fetch_max_bytes": k.fetch_max_bytes,
+        "max_partition_fetch_bytes": k.max_partition_fetch_bytes,
+        "receive_buffer_bytes": 4 << 20,
+    }
+
+
+class Daemon:
+    """finopsd's main job: ingest until told to stop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stats = IngestStats()
+        self.ready = threading.Event()
+        self.bootstrap: str | None = None
+        self._ingestor: Ingestor | None = None
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._ingestor is not None:
+            self._ingestor.stop()
+
+    def install_signal_handlers(self) -> None:
+        def handle(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s: finishing the current batch", signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    def run(self) -> int:
+        s = self.settings
+        with (
+            kafka_endpoint(s) as bootstrap,
+            Store(
+                s.store.path, threads=s.store.threads, memory_limit=s.store.memory_limit
+            ) as store,
+        ):
+            self.bootstrap = bootstrap
+            topics = [s.kafka.usage_topic, s.kafka.gpu_topic]
+            if s.kafka.embedded:
+                ensure_topics(
+                    bootstrap,
+                    dict.fromkeys(
+                        [*topics, s.kafka.dead_letter_topic], s.embedded_broker.partitions
+                    ),
+                )
+            window = timedelta(hours=s.ingest.dedup_window_hours)
+            max_bytes = s.ingest.max_record_bytes
+            routes = {
+                s.kafka.usage_topic: Route(
+                    BatchDecoder(UsageEvent, max_record_bytes=max_bytes), window
+                ),
+                s.kafka.gpu_topic: Route(
+                    BatchDecoder(GpuSample, max_record_bytes=max_bytes), window
+                ),
+            }
+            producer = KafkaProducer(
+                bootstrap_servers=bootstrap,
+                **s.kafka.client_config(),
+                acks="all",
+                linger_ms=5,
+                max_request_size=max(s.ingest.max_record_bytes * 2, 1 << 20),
+            )
+            worker = IngestWorker(
+                store,
+                routes,
+                dead_letters=DeadLetterSink(producer, s.kafka.dead_letter_topic),
+                batch_max_events=s.ingest.batch_max_events,
+                batch_max_age_s=s.ingest.batch_max_age_ms / 1000,
+                queue_chunks=s.ingest.queue_chunks,
+                stats=self.stats,
+            )
+            config = consumer_config(s, bootstrap)
+            self._ingestor = Ingestor(
+                lambda: KafkaConsumer(**config),
+                worker,
+                topics,
+                max_poll_records=s.kafka.max_poll_records,
+                on_poll=self.ready.set,
+            )
+            if self._stop.is_set():
+                self._ingestor.stop()
+            log.info(
+                "ingesting %s from %s into %s (group %s)",
+                ", ".join(topics),
+                bootstrap,
+                s.store.path,
+                s.kafka.group_id,
+            )
+            try:
+                self._ingestor.run()
+            finally:
+                producer.close(timeout=10)
+            snap = self.stats.snapshot()
+            log.info(
+                "stopped cleanly: %d records in %d batches, stored %s, duplicates %s, dead letters %s",
+                snap["records"],
+                snap["batches"],
+                snap["stored"],
+                snap["duplicates"],
+                snap["dead_letters"],
+            )
+        return 0

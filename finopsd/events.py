@@ -1,0 +1,122 @@
+"""The two event types finopsd ingests, in their native JSON form.
+
+A ``UsageEvent`` is one LLM request as a gateway saw it; a ``GpuSample`` is one
+GPU at one instant. On the wire both are flat JSON objects, one per Kafka
+message. Keys follow the OpenTelemetry GenAI semantic conventions where one
+exists (``gen_ai.usage.input_tokens``); the Python attribute, which is also the
+DuckDB column, is the snake_case name after the last namespace
+(``input_tokens``).
+
+These models are the contract. The batch decoder in ``finopsd.ingest.decode``
+derives its column schema and its checks from them, and falls back to them for
+any record its fast path does not accept, so a record is stored if and only if
+``Model.model_validate_json(record)`` accepts it, with the same values.
+
+Validation is strict: a number is not a string, a float is not an int, and an
+unknown key is ignored (producers may send more than finopsd stores).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+MAX_TEXT = 256
+"""Longest accepted tag or name, in characters."""
+
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
+Tokens = Annotated[int, Field(ge=0, le=2**40)]
+Millis = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+BlockHash = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+    #: Columns that identify one event for deduplication.
+    dedup_key: ClassVar[tuple[str, ...]]
+    #: The DuckDB table the events are stored in.
+    table: ClassVar[str]
+
+    def row(self) -> dict[str, Any]:
+        """The event as a store row: column name to value, timestamps in UTC."""
+        out = self.model_dump(by_alias=False)
+        for name, value in out.items():
+            if isinstance(value, datetime):
+                out[name] = value.astimezone(UTC)
+        return out
+
+
+class UsageEvent(_Event):
+    """One LLM request: who asked, which model answered, how many tokens it took."""
+
+    dedup_key: ClassVar[tuple[str, ...]] = ("event_id",)
+    table: ClassVar[str] = "usage_events"
+
+    event_id: Text = Field(description="Idempotency key: a resend with the same id is stored once")
+    ts: AwareDatetime = Field(description="When the request started; RFC 3339 with a UTC offset")
+    provider: Text | None = Field(None, alias="gen_ai.provider.name")
+    request_model: Text = Field(alias="gen_ai.request.model")
+    response_model: Text | None = Field(None, alias="gen_ai.response.model")
+    input_tokens: Tokens = Field(alias="gen_ai.usage.input_tokens")
+    output_tokens: Tokens = Field(alias="gen_ai.usage.output_tokens")
+    cache_read_input_tokens: Tokens | None = Field(
+        None, alias="gen_ai.usage.cache_read.input_tokens"
+    )
+    cache_creation_input_tokens: Tokens | None = Field(
+        None, alias="gen_ai.usage.cache_creation.input_tokens"
+    )
+    reasoning_output_tokens: Tokens | None = Field(
+        None, alias="gen_ai.usage.reasoning.output_tokens"
+    )
+    tenant: Text | None = None
+    team: Text | None = None
+    app: Text | None = None
+    feature: Text | None = None
+    latency_ms: Millis | None = None
+    ttft_ms: Millis | None = Field(None, description="Time to first token")
+    status: Literal["ok", "error"] = "ok"
+    prompt_hash: Text | None = Field(None, description="Hash of the whole prompt")
+    prefix_hashes: list[BlockHash] | None = Field(
+        None, description="Hashes of the prompt's consecutive token blocks, as signed 64-bit ints"
+    )
+    latency_class: Literal["interactive", "batch"] = "interactive"
+    quality_score: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    cost_usd: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
+        None, description="Cost as the gateway computed it, if it did"
+    )
+
+
+class GpuSample(_Event):
+    """One GPU at one instant: how busy it was and what it served."""
+
+    dedup_key: ClassVar[tuple[str, ...]] = ("host", "gpu_index", "ts")
+    table: ClassVar[str] = "gpu_samples"
+
+    ts: AwareDatetime
+    host: Text
+    gpu_index: Annotated[int, Field(ge=0, le=1023)]
+    gpu_uuid: Text | None = None
+    gpu_model: Text | None = Field(None, description='Product name, e.g. "NVIDIA H100 80GB HBM3"')
+    utilization_pct: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
+    memory_used_bytes: Annotated[int, Field(ge=0)] | None = None
+    memory_total_bytes: Annotated[int, Field(ge=0)] | None = None
+    power_watts: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    deployment: Text | None = Field(None, description="The model deployment this GPU serves")
+    tenant: Text | None = None
+    team: Text | None = None
+
+
+EVENT_TYPES: dict[str, type[_Event]] = {"usage": UsageEvent, "gpu": GpuSample}
+"""Event kinds by the name config.toml uses for them."""
+
+
+def explain(error: ValidationError) -> str:
+    """One line that names each offending field and says what was wrong with it."""
+    parts = []
+    for err in error.errors(include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "<record>"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,416 @@
+"""The ingest pipeline: Kafka poll → decode → batch → store, exactly once.
+
+Two threads, each a small step with one contract:
+
+``IngestWorker`` (worker thread) takes polled chunks of records, decodes them
+(polars, without the GIL), batches them by count or age, sends rejects to the
+dead-letter topic, and stores each batch — rows, dead letters and next offsets
+in one DuckDB transaction.
+
+``Ingestor`` (the calling thread) owns the Kafka consumer, which is not
+thread-safe: it polls, submits chunks to the worker, commits the offsets the
+worker has stored back to Kafka (``commit_async``; Kafka's copy is advisory,
+the store's is the truth), and handles rebalances: before partitions are
+revoked it waits until the worker has stored everything in flight; on
+assignment it seeks each partition to the larger of the store's offset and
+the group's committed offset.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from finopsd.events import _Event
+from finopsd.ingest.decode import BatchDecoder, Reject
+from finopsd.store import DeadLetterRow, Store, StoreBatch
+
+log = logging.getLogger(__name__)
+
+HEADER_PREFIX = "finopsd-"
+"""Dead-letter headers: finopsd-reason, finopsd-detail, finopsd-source-{topic,partition,offset}."""
+
+
+class WorkerFailed(RuntimeError):
+    """The worker thread stopped on an error; nothing after its last stored batch is lost."""
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """Records of one partition from one poll, in offset order."""
+
+    topic: str
+    partition: int
+    records: list[Any]  # kafka ConsumerRecord
+
+
+@dataclass(slots=True)
+class _Flush:
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+_STOP = object()
+
+
+@dataclass
+class IngestStats:
+    """Counters since start; read them with ``snapshot()``."""
+
+    stored: Counter[str] = field(default_factory=Counter)
+    duplicates: Counter[str] = field(default_factory=Counter)
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    batches: int = 0
+    records: int = 0
+    last_batch_at: float | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "records": self.records,
+                "batches": self.batches,
+                "stored": dict(self.stored),
+                "duplicates": dict(self.duplicates),
+                "dead_letters": dict(self.dead_letters),
+                "last_batch_at": self.last_batch_at,
+            }
+
+
+@dataclass(frozen=True)
+class Route:
+    """How records of one topic are decoded and stored."""
+
+    decoder: BatchDecoder
+    dedup_window: timedelta
+
+    @property
+    def model(self) -> type[_Event]:
+        return self.decoder.model
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.records: dict[str, list[Any]] = {}  # topic -> records, in arrival order
+        self.offsets: dict[tuple[str, int], int] = {}
+        self.count = 0
+        self.opened = time.monotonic()
+
+
+class IngestWorker:
+    """Decode, batch and store chunks on a thread of its own.
+
+    ``submit(chunk)`` blocks while ``queue_chunks`` chunks wait (backpressure)
+    and raises ``WorkerFailed`` once the thread has died. ``flush()`` returns
+    when every chunk submitted before it is stored. ``take_stored_offsets()``
+    returns the offsets stored since the last call. ``close()`` flushes and
+    joins.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        routes: Mapping[str, Route],
+        *,
+        dead_letters: DeadLetterSink | None,
+        batch_max_events: int,
+        batch_max_age_s: float,
+        queue_chunks: int = 8,
+        stats: IngestStats | None = None,
+    ) -> None:
+        self.store = store
+        self.routes = dict(routes)
+        self.dead_letters = dead_letters
+        self.batch_max_events = batch_max_events
+        self.batch_max_age_s = batch_max_age_s
+        self.stats = stats or IngestStats()
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_chunks)
+        self._stored: dict[tuple[str, int], int] = {}
+        self._stored_lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="ingest-worker", daemon=True)
+        self._thread.start()
+
+    # -- called from the polling thread ---------------------------------------------
+
+    def submit(self, chunk: Chunk) -> None:
+        self._put(chunk)
+
+    def flush(self) -> None:
+        marker = _Flush()
+        self._put(marker)
+        while not marker.done.wait(0.1):
+            self._check()
+        self._check()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._put(_STOP)
+            self._thread.join()
+        self._check()
+
+    def take_stored_offsets(self) -> dict[tuple[str, int], int]:
+        with self._stored_lock:
+            stored, self._stored = self._stored, {}
+        return stored
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _put(self, item: object) -> None:
+        while True:
+            self._check()
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise WorkerFailed(f"ingest worker stopped: {self._error}") from self._error
+
+    # -- the worker thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        batch = _Batch()
+        try:
+            while True:
+                timeout = None
+                if batch.count:
+                    timeout = max(0.0, batch.opened + self.batch_max_age_s - time.monotonic())
+                try:
+                    item = self._queue.get(timeout=timeout)
+                except queue.Empty:
+                    batch = self._store(batch)
+                    continue
+                if isinstance(item, Chunk):
+                    self._add(batch, item)
+                    if batch.count >= self.batch_max_events:
+                        batch = self._store(batch)
+                elif isinstance(item, _Flush):
+                    batch = self._store(batch)
+                    item.done.set()
+                elif item is _STOP:
+                    self._store(batch)
+                    return
+        except BaseException as exc:  # surfaced to the polling thread by _check()
+            log.error("ingest worker failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            self._error = exc
+
+    def _add(self, batch: _Batch, chunk: Chunk) -> None:
+        records = chunk.records
+        if not records:
+            return
+        if not batch.count:
+            batch.opened = time.monotonic()
+        batch.records.setdefault(chunk.topic, []).extend(records)
+        batch.offsets[(chunk.topic, chunk.partition)] = records[-1].offset + 1
+        batch.count += len(records)
+
+    def _store(self, batch: _Batch) -> _Batch:
+        """Decode the whole batch in one pass (few GIL hand-offs), then store it atomically."""
+        if not batch.count and not batch.offsets:
+            return batch
+        out = StoreBatch(offsets=batch.offsets)
+        received: Counter[str] = Counter()
+        dead: list[tuple[Any, Reject]] = []
+        for topic, records in batch.records.items():
+            route = self.routes[topic]
+            table = route.model.table
+            rows, rejects = route.decoder.decode([r.value or b"" for r in records])
+            dead.extend((records[r.index], r) for r in rejects)
+            if rows.height:
+                received[table] += rows.height
+                rows = rows.unique(
+                    subset=list(route.model.dedup_key), keep="first", maintain_order=True
+                )
+                out.rows[table] = rows.to_arrow().combine_chunks()
+                out.dedup[table] = (route.model.dedup_key, route.dedup_window)
+        out.dead_letters = [
+            DeadLetterRow(
+                record.topic,
+                record.partition,
+                record.offset,
+                reject.reason,
+                reject.detail,
+                len(record.value or b""),
+            )
+            for record, reject in dead
+        ]
+        if dead and self.dead_letters is not None:
+            self.dead_letters.send(dead)
+        result = self.store.append(out)
+        with self.stats._lock:
+            self.stats.batches += 1
+            self.stats.records += batch.count
+            self.stats.stored.update(result.inserted)
+            self.stats.duplicates.update({t: received[t] - n for t, n in result.inserted.items()})
+            self.stats.dead_letters.update(r.reason for _, r in dead)
+            self.stats.last_batch_at = time.time()
+        with self._stored_lock:
+            self._stored.update(batch.offsets)
+        if dead:
+            log.warning(
+                "%d record(s) sent to the dead-letter topic: %s",
+                len(dead),
+                ", ".join(f"{k}={v}" for k, v in Counter(r.reason for _, r in dead).items()),
+            )
+        return _Batch()
+
+
+class DeadLetterSink:
+    """Sends refused records to the dead-letter topic, and waits until Kafka has them.
+
+    The original key, value and headers are kept; finopsd adds headers naming
+    the reason and the source topic, partition and offset. A crash after
+    ``send`` but before the batch is stored sends those records again on
+    restart: consumers of the dead-letter topic should expect duplicates and
+    may use the source headers to drop them.
+    """
+
+    def __init__(self, producer: KafkaProducer, topic: str, *, timeout_s: float = 30.0) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.timeout_s = timeout_s
+
+    def send(self, items: list[tuple[Any, Reject]]) -> None:
+        futures = []
+        for record, reject in items:
+            headers = list(record.headers or [])
+            headers += [
+                (HEADER_PREFIX + "reason", reject.reason.encode()),
+                (HEADER_PREFIX + "detail", reject.detail.encode()[:4096]),
+                (HEADER_PREFIX + "source-topic", record.topic.encode()),
+                (HEADER_PREFIX + "source-partition", str(record.partition).encode()),
+                (HEADER_PREFIX + "source-offset", str(record.offset).encode()),
+            ]
+            futures.append(
+                self.producer.send(self.topic, key=record.key, value=record.value, headers=headers)
+            )
+        self.producer.flush(timeout=self.timeout_s)
+        for future in futures:
+            future.get(timeout=self.timeout_s)  # raises if Kafka did not take it
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, ingestor: Ingestor) -> None:
+        self.ingestor = ingestor
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        if revoked:
+            self.ingestor._on_revoked(list(revoked))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self.ingestor._on_assigned(list(assigned))
+
+
+class Ingestor:
+    """Polls Kafka and feeds an ``IngestWorker`` until ``stop()``.
+
+    ``run()`` blocks; it returns after the final batch is stored and its
+    offsets committed, or raises ``WorkerFailed``.
+    """
+
+    def __init__(
+        self,
+        consumer_factory: Callable[[], KafkaConsumer],
+        worker: IngestWorker,
+        topics: list[str],
+        *,
+        max_poll_records: int,
+        on_poll: Callable[[], None] | None = None,
+    ) -> None:
+        self._consumer_factory = consumer_factory
+        self.worker = worker
+        self.topics = topics
+        self.max_poll_records = max_poll_records
+        self.on_poll = on_poll
+        self._stop = threading.Event()
+        self._closing = False
+        self.polled = 0
+        self.consumer: KafkaConsumer | None = None
+        self.assignment: set[TopicPartition] = set()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        consumer = self.consumer = self._consumer_factory()
+        consumer.subscribe(self.topics, listener=_Rebalance(self))
+        try:
+            while not self._stop.is_set():
+                polled = consumer.poll(timeout_ms=200, max_records=self.max_poll_records)
+                for tp, records in polled.items():
+                    self.worker.submit(Chunk(tp.topic, tp.partition, records))
+                    self.polled += len(records)
+                self._commit(self.worker.take_stored_offsets())
+                if self.on_poll is not None:
+                    self.on_poll()
+            self.worker.flush()
+            self._commit(self.worker.take_stored_offsets(), sync=True)
+        finally:
+            self._closing = True  # close() revokes partitions; nothing is in flight by then
+            try:
+                consumer.close(autocommit=False)
+            finally:
+                self.worker.close()
+
+    def _commit(self, offsets: dict[tuple[str, int], int], *, sync: bool = False) -> None:
+        if not offsets or self.consumer is None:
+            return
+        payload = {
+            TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()
+        }
+        if sync:
+            try:
+                self.consumer.commit(payload)
+            except Exception as exc:  # the store holds the truth; Kafka's copy is advisory
+                log.warning("could not commit offsets to Kafka: %s", exc)
+        else:
+            self.consumer.commit_async(payload, callback=_log_commit_failure)
+
+    def _on_revoked(self, revoked: list[TopicPartition]) -> None:
+        if self._closing:
+            return
+        self.worker.flush()
+        self._commit(self.worker.take_stored_offsets())
+        self.assignment -= set(revoked)
+        log.info("partitions revoked: %s", _names(revoked))
+
+    def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        assert self.consumer is not None
+        self.assignment |= set(assigned)
+        stored = self.worker.store.stored_offsets({tp.topic for tp in assigned})
+        for tp in assigned:
+            position = stored.get((tp.topic, tp.partition))
+            committed = None
+            try:
+                committed = self.consumer.committed(tp)
+            except Exception as exc:
+                log.debug("committed offset of %s unknown: %s", tp, exc)
+            if committed is not None and (position is None or committed > position):
+                position = committed
+            if position is not None:
+                self.consumer.seek(tp, position)
+        log.info("partitions assigned: %s", _names(assigned))
+
+
+def _names(tps: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(tps)) or "none"
+
+
+def _log_commit_failure(offsets: Any, response: Any) -> None:
+    if isinstance(response, Exception):
+        log.debug("async offset commit failed (the store keeps the truth): %s", response)

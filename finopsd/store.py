@@ -1,0 +1,318 @@
+"""The DuckDB store: versioned schema, batch append with exactly-once effect.
+
+One process owns the file (DuckDB allows one writer; another process cannot
+even open it read-only meanwhile). Threads of that process share it through
+``Store.cursor()``.
+
+``append(batch)`` writes a batch's rows, its dead-letter records and the next
+Kafka offset of every partition it covers in ONE transaction. Rows whose
+dedup key is already stored are skipped, so a producer's resend, or a batch
+re-read after a crash, never counts twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "usage events, gpu samples, dead letters, ingest offsets",
+        """
+        CREATE TABLE usage_events (
+            event_id VARCHAR NOT NULL,
+            ts TIMESTAMPTZ NOT NULL,
+            provider VARCHAR,
+            request_model VARCHAR NOT NULL,
+            response_model VARCHAR,
+            input_tokens BIGINT NOT NULL,
+            output_tokens BIGINT NOT NULL,
+            cache_read_input_tokens BIGINT,
+            cache_creation_input_tokens BIGINT,
+            reasoning_output_tokens BIGINT,
+            tenant VARCHAR,
+            team VARCHAR,
+            app VARCHAR,
+            feature VARCHAR,
+            latency_ms DOUBLE,
+            ttft_ms DOUBLE,
+            status VARCHAR NOT NULL,
+            prompt_hash VARCHAR,
+            prefix_hashes BIGINT[],
+            latency_class VARCHAR NOT NULL,
+            quality_score DOUBLE,
+            cost_usd DOUBLE,
+            ingested_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+        );
+        CREATE TABLE gpu_samples (
+            ts TIMESTAMPTZ NOT NULL,
+            host VARCHAR NOT NULL,
+            gpu_index BIGINT NOT NULL,
+            gpu_uuid VARCHAR,
+            gpu_model VARCHAR,
+            utilization_pct DOUBLE NOT NULL,
+            memory_used_bytes BIGINT,
+            memory_total_bytes BIGINT,
+            power_watts DOUBLE,
+            deployment VARCHAR,
+            tenant VARCHAR,
+            team VARCHAR,
+            ingested_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+        );
+        CREATE TABLE dead_letters (
+            received_at TIMESTAMPTZ NOT NULL,
+            topic VARCHAR NOT NULL,
+            "partition" INTEGER NOT NULL,
+            "offset" BIGINT NOT NULL,
+            reason VARCHAR NOT NULL,
+            detail VARCHAR NOT NULL,
+            size_bytes BIGINT NOT NULL
+        );
+        CREATE TABLE ingest_offsets (
+            topic VARCHAR NOT NULL,
+            "partition" INTEGER NOT NULL,
+            next_offset BIGINT NOT NULL,
+            updated_at TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (topic, "partition")
+        );
+        """,
+    ),
+]
+"""Schema migrations, applied in order; a migration's version is its position + 1.
+Never edit a released migration: append a new one."""
+
+
+class StoreError(RuntimeError):
+    """The store file cannot be opened or is from a newer finopsd."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRow:
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+    detail: str
+    size_bytes: int
+
+
+@dataclass
+class StoreBatch:
+    """What one ``Store.append`` writes.
+
+    ``rows``: table name to an Arrow table with that table's columns (no dups
+    within it). ``dedup``: table name to (key columns, time window); rows whose
+    key is already stored with a ``ts`` within the window of the batch's own
+    timestamps are skipped. ``offsets``: (topic, partition) to the next offset
+    to read.
+    """
+
+    rows: dict[str, pa.Table] = field(default_factory=dict)
+    dedup: dict[str, tuple[tuple[str, ...], timedelta]] = field(default_factory=dict)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    dead_letters: list[DeadLetterRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    inserted: dict[str, int]
+    duplicates: dict[str, int]
+
+
+class Store:
+    """A DuckDB file with finopsd's schema. Thread-safe for one writer at a time."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        read_only: bool = False,
+        threads: int | None = None,
+        memory_limit: str | None = None,
+    ) -> None:
+        self.path = Path(path)
+        config: dict[str, str | int] = {}
+        if threads:
+            config["threads"] = threads
+        if memory_limit:
+            config["memory_limit"] = memory_limit
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._con = duckdb.connect(str(self.path), read_only=read_only, config=config)
+        except duckdb.Error as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+        self._write_lock = threading.Lock()
+        if not read_only:
+            self.migrate()
+        else:
+            self._check_version()
+
+    # -- schema -------------------------------------------------------------------
+
+    def schema_version(self) -> int:
+        con = self._con.cursor()
+        exists = con.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'"
+        ).fetchone()
+        if not exists or not exists[0]:
+            return 0
+        row = con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()
+        return int(row[0]) if row else 0
+
+    def _check_version(self) -> int:
+        version = self.schema_version()
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"store {self.path} has schema version {version}; this finopsd knows "
+                f"up to {len(MIGRATIONS)}. Upgrade finopsd."
+            )
+        return version
+
+    def migrate(self) -> int:
+        """Apply pending migrations, each in its own transaction; returns the version."""
+        con = self._con.cursor()
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, "
+            "applied_at TIMESTAMPTZ NOT NULL, description VARCHAR NOT NULL)"
+        )
+        current = self._check_version()
+        for version, (description, sql) in enumerate(MIGRATIONS, start=1):
+            if version <= current:
+                continue
+            con.execute("BEGIN")
+            try:
+                con.execute(sql)
+                con.execute(
+                    "INSERT INTO schema_version VALUES (?, ?, ?)",
+                    [version, datetime.now(UTC), description],
+                )
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+            log.info("store %s migrated to version %d: %s", self.path, version, description)
+        return len(MIGRATIONS)
+
+    # -- writes -------------------------------------------------------------------
+
+    def append(self, batch: StoreBatch) -> AppendResult:
+        """Write the batch's rows, dead letters and offsets atomically."""
+        inserted: dict[str, int] = {}
+        duplicates: dict[str, int] = {}
+        now = datetime.now(UTC)
+        with self._write_lock:
+            con = self._con.cursor()
+            con.execute("BEGIN")
+            try:
+                for table, rows in batch.rows.items():
+                    if rows.num_rows == 0:
+                        continue
+                    key, window = batch.dedup[table]
+                    inserted[table] = self._insert_new(con, table, rows, key, window)
+                    duplicates[table] = rows.num_rows - inserted[table]
+                if batch.dead_letters:
+                    con.executemany(
+                        "INSERT INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        [
+                            [now, d.topic, d.partition, d.offset, d.reason, d.detail, d.size_bytes]
+                            for d in batch.dead_letters
+                        ],
+                    )
+                if batch.offsets:
+                    con.executemany(
+                        "INSERT OR REPLACE INTO ingest_offsets VALUES (?, ?, ?, ?)",
+                        [[t, p, o, now] for (t, p), o in batch.offsets.items()],
+                    )
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+        return AppendResult(inserted, duplicates)
+
+    @staticmethod
+    def _insert_new(
+        con: duckdb.DuckDBPyConnection,
+        table: str,
+        rows: pa.Table,
+        key: tuple[str, ...],
+        window: timedelta,
+    ) -> int:
+        bounds = pc.min_max(rows.column("ts").cast(pa.int64()))
+        slack = int(window.total_seconds() * 1_000_000)
+        lo, hi = bounds["min"].as_py() - slack, bounds["max"].as_py() + slack
+        # from_arrow scans the table without taking the GIL per batch; register() does not
+        con.from_arrow(rows).create_view("batch_rows", replace=True)
+        try:
+            match = " AND ".join(f"t.{k} = b.{k}" for k in key)
+            result = con.execute(
+                f"INSERT INTO {table} BY NAME SELECT b.* FROM batch_rows b WHERE NOT EXISTS ("
+                f"SELECT 1 FROM {table} t WHERE {match} "
+                f"AND t.ts BETWEEN make_timestamptz(?::BIGINT) AND make_timestamptz(?::BIGINT))",
+                [lo, hi],
+            ).fetchone()
+        finally:
+            con.execute("DROP VIEW IF EXISTS batch_rows")
+        return int(result[0]) if result else 0
+
+    # -- reads --------------------------------------------------------------------
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A connection to the same database for use in the calling thread."""
+        return self._con.cursor()
+
+    def stored_offsets(self, topics: Iterable[str] | None = None) -> dict[tuple[str, int], int]:
+        """(topic, partition) to the next offset to read, as of the last committed batch."""
+        sql = 'SELECT topic, "partition", next_offset FROM ingest_offsets'
+        params: list[object] = []
+        if topics is not None:
+            sql += " WHERE list_contains(?, topic)"
+            params.append(list(topics))
+        return {(t, int(p)): int(o) for t, p, o in self.cursor().execute(sql, params).fetchall()}
+
+    def counts(self) -> dict[str, object]:
+        """Row counts per table and dead letters per reason."""
+        con = self.cursor()
+        out: dict[str, object] = {}
+        for table in ("usage_events", "gpu_samples", "dead_letters"):
+            row = con.execute(f"SELECT count(*) FROM {table}").fetchone()
+            out[table] = int(row[0]) if row else 0
+        out["dead_letters_by_reason"] = dict(
+            con.execute(
+                "SELECT reason, count(*) FROM dead_letters GROUP BY reason ORDER BY reason"
+            ).fetchall()
+        )
+        return out
+
+    def close(self) -> None:
+        self._con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def table_columns(store: Store, table: str) -> Mapping[str, str]:
+    """Column name to DuckDB type of ``table``."""
+    rows = (
+        store.cursor()
+        .execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_name = ? ORDER BY ordinal_position",
+            [table],
+        )
+        .fetchall()
+    )
+    return dict(rows)
