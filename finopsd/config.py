@@ -102,7 +102,7 @@ class IngestSettings(_Section):
     batch_max_age_ms: int = Field(1_000, ge=1)
     max_record_bytes: int = Field(1 << 20, ge=256)
     queue_chunks: int = Field(8, ge=1, le=1024)
-    dedup_window_hours: float = Field(168, ge=0)
+    dedup_window_hours: float = Field(1, ge=0)
 
 
 class StoreSettings(_Section):
@@ -170,6 +170,8 @@ def _format(error: ValidationError, data: Mapping[str, Any], origin: Mapping[tup
         value = data
         for part in loc:
             value = value.get(part) if isinstance(value, Mapping) else None
+        if isinstance(value, Mapping):
+            value = {k: "**********" if "password" in k else v for k, v in value.items()}
         shown = "" if value is None or "password" in key else f" (got {value!r})"
         lines.append(f"{key}: {err['msg']}{shown}{where}")
     return "\n".join(lines)

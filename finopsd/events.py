@@ -21,7 +21,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 MAX_TEXT = 256
 """Longest accepted tag or name, in characters."""
@@ -87,6 +95,14 @@ class UsageEvent(_Event):
     cost_usd: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
         None, description="Cost as the gateway computed it, if it did"
     )
+
+    @field_validator("status", "latency_class", mode="before")
+    @classmethod
+    def _null_means_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """A JSON null for a field with a default means the default."""
+        if value is None and info.field_name is not None:
+            return cls.model_fields[info.field_name].default
+        return value
 
 
 class GpuSample(_Event):

@@ -253,16 +253,15 @@ class Store:
         lo, hi = bounds["min"].as_py() - slack, bounds["max"].as_py() + slack
         # from_arrow scans the table without taking the GIL per batch; register() does not
         con.from_arrow(rows).create_view("batch_rows", replace=True)
-        try:
-            match = " AND ".join(f"t.{k} = b.{k}" for k in key)
-            result = con.execute(
-                f"INSERT INTO {table} BY NAME SELECT b.* FROM batch_rows b WHERE NOT EXISTS ("
-                f"SELECT 1 FROM {table} t WHERE {match} "
-                f"AND t.ts BETWEEN make_timestamptz(?::BIGINT) AND make_timestamptz(?::BIGINT))",
-                [lo, hi],
-            ).fetchone()
-        finally:
-            con.execute("DROP VIEW IF EXISTS batch_rows")
+        match = " AND ".join(f"t.{k} = b.{k}" for k in key)
+        result = con.execute(
+            f"INSERT INTO {table} BY NAME SELECT b.* FROM batch_rows b WHERE NOT EXISTS ("
+            f"SELECT 1 FROM {table} t WHERE {match} "
+            f"AND t.ts BETWEEN make_timestamptz(?::BIGINT) AND make_timestamptz(?::BIGINT))",
+            [lo, hi],
+        ).fetchone()
+        # on failure the caller's ROLLBACK drops the view with everything else
+        con.execute("DROP VIEW batch_rows")
         return int(result[0]) if result else 0
 
     # -- reads --------------------------------------------------------------------

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import polars as pl
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.structs import OffsetAndMetadata, TopicPartition
@@ -236,7 +237,8 @@ class IngestWorker:
                 rows = rows.unique(
                     subset=list(route.model.dedup_key), keep="first", maintain_order=True
                 )
-                out.rows[table] = rows.to_arrow().combine_chunks()
+                # string_view columns: no copy on the way to DuckDB
+                out.rows[table] = rows.rechunk().to_arrow(compat_level=pl.CompatLevel.newest())
                 out.dedup[table] = (route.model.dedup_key, route.dedup_window)
         out.dead_letters = [
             DeadLetterRow(
