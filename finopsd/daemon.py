@@ -112,7 +112,11 @@ class Daemon:
                 **s.kafka.client_config(),
                 acks="all",
                 linger_ms=5,
-                max_request_size=max(s.ingest.max_record_bytes * 2, 1 << 20),
+                # room for any record the consumer can fetch, plus dead-letter headers
+                max_request_size=max(
+                    s.kafka.max_partition_fetch_bytes, s.ingest.max_record_bytes * 2, 1 << 20
+                )
+                + (64 << 10),
             )
             worker = IngestWorker(
                 store,
@@ -146,7 +150,8 @@ class Daemon:
                 producer.close(timeout=10)
             snap = self.stats.snapshot()
             log.info(
-                "stopped cleanly: %d records in %d batches, stored %s, duplicates %s, dead letters %s",
+                "stopped cleanly: %d records in %d batches; stored %s; duplicates %s; "
+                "dead letters %s",
                 snap["records"],
                 snap["batches"],
                 snap["stored"],

@@ -31,6 +31,7 @@ from typing import Any
 import polars as pl
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from finopsd.events import _Event
@@ -169,6 +170,10 @@ class IngestWorker:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def check(self) -> None:
+        """Raise ``WorkerFailed`` if the worker thread has died."""
+        self._check()
+
     def _put(self, item: object) -> None:
         while True:
             self._check()
@@ -276,7 +281,9 @@ class DeadLetterSink:
     """Sends refused records to the dead-letter topic, and waits until Kafka has them.
 
     The original key, value and headers are kept; finopsd adds headers naming
-    the reason and the source topic, partition and offset. A crash after
+    the reason and the source topic, partition and offset. A value too large
+    for the dead-letter topic is left out, and a ``finopsd-value-omitted``
+    header gives its size. A crash after
     ``send`` but before the batch is stored sends those records again on
     restart: consumers of the dead-letter topic should expect duplicates and
     may use the source headers to drop them.
@@ -298,12 +305,33 @@ class DeadLetterSink:
                 (HEADER_PREFIX + "source-partition", str(record.partition).encode()),
                 (HEADER_PREFIX + "source-offset", str(record.offset).encode()),
             ]
-            futures.append(
-                self.producer.send(self.topic, key=record.key, value=record.value, headers=headers)
-            )
+            try:
+                future = self.producer.send(
+                    self.topic, key=record.key, value=record.value, headers=headers
+                )
+            except MessageSizeTooLargeError:
+                future = self._send_without_value(record, headers)
+            futures.append((record, headers, future))
         self.producer.flush(timeout=self.timeout_s)
-        for future in futures:
-            future.get(timeout=self.timeout_s)  # raises if Kafka did not take it
+        for record, headers, future in futures:
+            try:
+                future.get(timeout=self.timeout_s)  # raises if Kafka did not take it
+            except MessageSizeTooLargeError:  # the broker's limit is lower than ours
+                self._send_without_value(record, headers).get(timeout=self.timeout_s)
+
+    def _send_without_value(self, record: Any, headers: list) -> Any:
+        """The record is too large for the dead-letter topic: send its headers, no value."""
+        size = len(record.value or b"")
+        log.warning(
+            "dead letter from %s[%d]@%d is %d bytes, over the topic's limit: "
+            "sent without its value",
+            record.topic,
+            record.partition,
+            record.offset,
+            size,
+        )
+        headers = [*headers, (HEADER_PREFIX + "value-omitted", str(size).encode())]
+        return self.producer.send(self.topic, key=record.key, value=None, headers=headers)
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -344,6 +372,7 @@ class Ingestor:
         self.polled = 0
         self.consumer: KafkaConsumer | None = None
         self.assignment: set[TopicPartition] = set()
+        self._unsettled: set[TopicPartition] = set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -354,10 +383,12 @@ class Ingestor:
         try:
             while not self._stop.is_set():
                 polled = consumer.poll(timeout_ms=200, max_records=self.max_poll_records)
+                self._settle_positions()
                 for tp, records in polled.items():
                     self.worker.submit(Chunk(tp.topic, tp.partition, records))
                     self.polled += len(records)
                 self._commit(self.worker.take_stored_offsets())
+                self.worker.check()
                 if self.on_poll is not None:
                     self.on_poll()
             self.worker.flush()
@@ -392,21 +423,41 @@ class Ingestor:
         log.info("partitions revoked: %s", _names(revoked))
 
     def _on_assigned(self, assigned: list[TopicPartition]) -> None:
+        # Runs on kafka-python's IO thread, where blocking calls (committed(), commit())
+        # raise: pause the partitions and settle their positions on the polling thread.
         assert self.consumer is not None
         self.assignment |= set(assigned)
-        stored = self.worker.store.stored_offsets({tp.topic for tp in assigned})
-        for tp in assigned:
+        self._unsettled |= set(assigned)
+        if assigned:
+            self.consumer.pause(*assigned)
+        log.info("partitions assigned: %s", _names(assigned))
+
+    def _settle_positions(self) -> None:
+        """Seek new partitions to max(store, group); bring the group up to the store."""
+        assert self.consumer is not None
+        tps, self._unsettled = self._unsettled & self.assignment, set()
+        if not tps:
+            return
+        stored = self.worker.store.stored_offsets({tp.topic for tp in tps})
+        behind: dict[tuple[str, int], int] = {}
+        for tp in tps:
             position = stored.get((tp.topic, tp.partition))
-            committed = None
             try:
                 committed = self.consumer.committed(tp)
-            except Exception as exc:
-                log.debug("committed offset of %s unknown: %s", tp, exc)
+            except Exception as exc:  # coordinator moving: stay paused, try on the next poll
+                log.warning("committed offset of %s unavailable (%s); retrying", _names([tp]), exc)
+                self._unsettled.add(tp)
+                continue
             if committed is not None and (position is None or committed > position):
                 position = committed
+            elif position is not None and committed != position:
+                behind[(tp.topic, tp.partition)] = position
             if position is not None:
                 self.consumer.seek(tp, position)
-        log.info("partitions assigned: %s", _names(assigned))
+        self._commit(behind, sync=True)
+        settled = tps - self._unsettled
+        if settled:
+            self.consumer.resume(*settled)
 
 
 def _names(tps: list[TopicPartition]) -> str:
