@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import sys
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
 
-from finopsd.config import load_settings
+from finopsd.config import Settings, load_settings
 from finopsd.daemon import consumer_config
 from finopsd.events import UsageEvent
 from finopsd.ingest.broker import EmbeddedBroker, ensure_topics
@@ -59,35 +60,33 @@ def produce_all(bootstrap: str, events: int, procs: int) -> float:
     return time.perf_counter() - started
 
 
-def raw_consume(bootstrap: str, events: int, partitions: int, settings) -> float:  # noqa: ANN001
+def raw_consume(bootstrap: str, events: int, partitions: int, settings: Settings) -> float:
     config = consumer_config(settings, bootstrap)
     config.update(group_id=None)
     consumer = KafkaConsumer(**config)
     consumer.assign([TopicPartition(TOPIC, p) for p in range(partitions)])
     consumer.seek_to_beginning()
-    seen, started = 0, None
+    seen, started, cpu0 = 0, None, 0.0
     while seen < events:
         for records in consumer.poll(
             timeout_ms=500, max_records=config["max_poll_records"]
         ).values():
             if started is None:
-                started = time.perf_counter()
+                started, cpu0 = time.perf_counter(), time.process_time()
             for _record in records:
                 seen += 1
     elapsed = time.perf_counter() - (started or time.perf_counter())
+    print(f"  raw consume cpu/event {(time.process_time() - cpu0) / events * 1e6:.1f} us")
     consumer.close(autocommit=False)
     return elapsed
 
 
-def finopsd_ingest(bootstrap: str, events: int, settings, round_no: int) -> float:  # noqa: ANN001
+def finopsd_ingest(bootstrap: str, events: int, settings: Settings, round_no: int) -> float:
     config = consumer_config(settings, bootstrap)
     config.update(group_id=f"bench-{round_no}-{time.time_ns()}")
     with (
         tempfile.TemporaryDirectory() as tmp,
-        Store(
-            Path(tmp) / "bench.duckdb",
-            threads=int(__import__("os").environ.get("XDT", "0")) or None,
-        ) as store,
+        Store(Path(tmp) / "bench.duckdb", threads=settings.store.threads) as store,
     ):
         window = timedelta(hours=settings.ingest.dedup_window_hours)
         worker = IngestWorker(
@@ -104,6 +103,7 @@ def finopsd_ingest(bootstrap: str, events: int, settings, round_no: int) -> floa
         def on_poll() -> None:
             if ingestor.polled and not started:
                 started.append(time.perf_counter())
+                started.append(time.process_time())
             if ingestor.polled >= events:
                 ingestor.stop()
 
@@ -116,8 +116,11 @@ def finopsd_ingest(bootstrap: str, events: int, settings, round_no: int) -> floa
         )
         ingestor.run()
         elapsed = time.perf_counter() - started[0]
+        cpu = (time.process_time() - started[1]) / events * 1e6
+        print(f"  finopsd ingest cpu/event {cpu:.1f} us (all threads)")
         stored = worker.stats.snapshot()
         rows = store.counts()["usage_events"]
+    print(f"  polling waited {stored['backpressure_s']:.2f}s of {elapsed:.2f}s on the worker")
     assert stored["records"] == events, stored
     assert rows + sum(stored["duplicates"].values()) == events, (rows, stored)
     return elapsed
@@ -134,7 +137,8 @@ def main() -> int:
     settings = load_settings(
         None,
         env={
-            **{k: v for k, v in __import__("os").environ.items() if k.startswith("FINOPSD_")},
+            # FINOPSD_INGEST__* etc. from the environment tune the run, as for the daemon
+            **{k: v for k, v in os.environ.items() if k.startswith("FINOPSD_")},
             "FINOPSD_KAFKA__SESSION_TIMEOUT_MS": "6000",
             "FINOPSD_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
         },
@@ -153,8 +157,8 @@ def main() -> int:
             ra, rb = args.events / a, args.events / b
             ratios.append(rb / ra)
             print(
-                f"round {r}: (a) kafka-python {ra:>9,.0f} ev/s   (b) finopsd ingest {rb:>9,.0f} ev/s"
-                f"   b/a {rb / ra:.3f}",
+                f"round {r}: (a) kafka-python {ra:>9,.0f} ev/s   "
+                f"(b) finopsd ingest {rb:>9,.0f} ev/s   b/a {rb / ra:.3f}",
                 flush=True,
             )
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -165,8 +169,4 @@ def main() -> int:
 
 if __name__ == "__main__":
     threading.current_thread().name = "bench"
-    import os as _os
-
-    if _os.environ.get("XSW"):
-        sys.setswitchinterval(float(_os.environ["XSW"]))
     sys.exit(main())

@@ -2,10 +2,10 @@
 
 Two threads, each a small step with one contract:
 
-``IngestWorker`` (worker thread) takes polled chunks of records, decodes them
-(polars, without the GIL), batches them by count or age, sends rejects to the
-dead-letter topic, and stores each batch — rows, dead letters and next offsets
-in one DuckDB transaction.
+``IngestWorker`` (a decode thread and a store thread) takes polled chunks of
+records, decodes them (polars, without the GIL), batches them by count or age,
+sends rejects to the dead-letter topic, and stores each batch — rows, dead
+letters and next offsets in one DuckDB transaction.
 
 ``Ingestor`` (the calling thread) owns the Kafka consumer, which is not
 thread-safe: it polls, submits chunks to the worker, commits the offsets the
@@ -74,6 +74,7 @@ class IngestStats:
     dead_letters: Counter[str] = field(default_factory=Counter)
     batches: int = 0
     records: int = 0
+    backpressure_s: float = 0.0  # time polling waited for the worker
     last_batch_at: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -86,6 +87,7 @@ class IngestStats:
                 "duplicates": dict(self.duplicates),
                 "dead_letters": dict(self.dead_letters),
                 "last_batch_at": self.last_batch_at,
+                "backpressure_s": round(self.backpressure_s, 3),
             }
 
 
@@ -102,18 +104,27 @@ class Route:
 
 
 class _Batch:
+    """Decoded rows, rejects and next offsets waiting to be stored together."""
+
     def __init__(self) -> None:
-        self.records: dict[str, list[Any]] = {}  # topic -> records, in arrival order
+        self.records: dict[str, list[Any]] = {}  # topic -> records not decoded yet
+        self.frames: dict[str, list[pl.DataFrame]] = {}  # table -> decoded rows
+        self.dead: list[tuple[Any, Reject]] = []
         self.offsets: dict[tuple[str, int], int] = {}
         self.count = 0
         self.opened = time.monotonic()
 
 
 class IngestWorker:
-    """Decode, batch and store chunks on a thread of its own.
+    """Decode, batch and store chunks, on two threads of its own.
+
+    The decode thread gathers chunks into a batch, closes it by count or age
+    and decodes it in one pass (polars, without the GIL); the store thread
+    writes decoded batches, so gathering and decoding go on while a batch
+    commits.
 
     ``submit(chunk)`` blocks while ``queue_chunks`` chunks wait (backpressure)
-    and raises ``WorkerFailed`` once the thread has died. ``flush()`` returns
+    and raises ``WorkerFailed`` once a thread has died. ``flush()`` returns
     when every chunk submitted before it is stored. ``take_stored_offsets()``
     returns the offsets stored since the last call. ``close()`` flushes and
     joins.
@@ -136,12 +147,18 @@ class IngestWorker:
         self.batch_max_events = batch_max_events
         self.batch_max_age_s = batch_max_age_s
         self.stats = stats or IngestStats()
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_chunks)
+        self._chunks: queue.Queue[object] = queue.Queue(maxsize=queue_chunks)
+        self._batches: queue.Queue[object] = queue.Queue(maxsize=2)
         self._stored: dict[tuple[str, int], int] = {}
         self._stored_lock = threading.Lock()
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="ingest-worker", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._guard, args=(self._decode_loop,), name="ingest-decode"),
+            threading.Thread(target=self._guard, args=(self._store_loop,), name="ingest-store"),
+        ]
+        for thread in self._threads:
+            thread.daemon = True
+            thread.start()
 
     # -- called from the polling thread ---------------------------------------------
 
@@ -156,9 +173,10 @@ class IngestWorker:
         self._check()
 
     def close(self) -> None:
-        if self._thread.is_alive():
+        if all(t.is_alive() for t in self._threads):
             self._put(_STOP)
-            self._thread.join()
+            for thread in self._threads:
+                thread.join()
         self._check()
 
     def take_stored_offsets(self) -> dict[tuple[str, int], int]:
@@ -168,52 +186,77 @@ class IngestWorker:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return all(t.is_alive() for t in self._threads)
 
     def check(self) -> None:
-        """Raise ``WorkerFailed`` if the worker thread has died."""
+        """Raise ``WorkerFailed`` if a worker thread has died."""
         self._check()
 
     def _put(self, item: object) -> None:
+        try:
+            self._chunks.put_nowait(item)
+            return
+        except queue.Full:
+            pass
+        waited_from = time.monotonic()
         while True:
             self._check()
             try:
-                self._queue.put(item, timeout=0.1)
-                return
+                self._chunks.put(item, timeout=0.1)
+                break
             except queue.Full:
                 continue
+        with self.stats._lock:
+            self.stats.backpressure_s += time.monotonic() - waited_from
 
     def _check(self) -> None:
         if self._error is not None:
             raise WorkerFailed(f"ingest worker stopped: {self._error}") from self._error
 
-    # -- the worker thread ------------------------------------------------------------
+    # -- the worker threads ------------------------------------------------------------
 
-    def _run(self) -> None:
-        batch = _Batch()
+    def _guard(self, loop: Callable[[], None]) -> None:
         try:
-            while True:
-                timeout = None
-                if batch.count:
-                    timeout = max(0.0, batch.opened + self.batch_max_age_s - time.monotonic())
-                try:
-                    item = self._queue.get(timeout=timeout)
-                except queue.Empty:
-                    batch = self._store(batch)
-                    continue
-                if isinstance(item, Chunk):
-                    self._add(batch, item)
-                    if batch.count >= self.batch_max_events:
-                        batch = self._store(batch)
-                elif isinstance(item, _Flush):
-                    batch = self._store(batch)
-                    item.done.set()
-                elif item is _STOP:
-                    self._store(batch)
-                    return
+            loop()
         except BaseException as exc:  # surfaced to the polling thread by _check()
             log.error("ingest worker failed: %s", exc, exc_info=log.isEnabledFor(logging.DEBUG))
             self._error = exc
+
+    def _hand_over(self, item: object) -> None:
+        if isinstance(item, _Batch):
+            item = self._decode(item)
+        while self._error is None:
+            try:
+                self._batches.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _decode_loop(self) -> None:
+        batch = _Batch()
+        while self._error is None:
+            timeout = 0.1
+            if batch.count:
+                timeout = min(timeout, batch.opened + self.batch_max_age_s - time.monotonic())
+            try:
+                item = self._chunks.get(timeout=max(0.0, timeout))
+            except queue.Empty:
+                if batch.count and time.monotonic() >= batch.opened + self.batch_max_age_s:
+                    self._hand_over(batch)
+                    batch = _Batch()
+                continue
+            if isinstance(item, Chunk):
+                self._add(batch, item)
+                if batch.count >= self.batch_max_events:
+                    self._hand_over(batch)
+                    batch = _Batch()
+            else:  # _Flush or _STOP: the batch so far goes first
+                if batch.count:
+                    self._hand_over(batch)
+                    batch = _Batch()
+                self._hand_over(item)
+                if item is _STOP:
+                    return
 
     def _add(self, batch: _Batch, chunk: Chunk) -> None:
         records = chunk.records
@@ -225,26 +268,46 @@ class IngestWorker:
         batch.offsets[(chunk.topic, chunk.partition)] = records[-1].offset + 1
         batch.count += len(records)
 
-    def _store(self, batch: _Batch) -> _Batch:
-        """Decode the whole batch in one pass (few GIL hand-offs), then store it atomically."""
-        if not batch.count and not batch.offsets:
-            return batch
-        out = StoreBatch(offsets=batch.offsets)
-        received: Counter[str] = Counter()
-        dead: list[tuple[Any, Reject]] = []
+    def _decode(self, batch: _Batch) -> _Batch:
+        """Decode a closed batch in one pass per topic: few GIL hand-offs per record."""
         for topic, records in batch.records.items():
             route = self.routes[topic]
-            table = route.model.table
             rows, rejects = route.decoder.decode([r.value or b"" for r in records])
-            dead.extend((records[r.index], r) for r in rejects)
             if rows.height:
-                received[table] += rows.height
-                rows = rows.unique(
-                    subset=list(route.model.dedup_key), keep="first", maintain_order=True
-                )
-                # string_view columns: no copy on the way to DuckDB
-                out.rows[table] = rows.rechunk().to_arrow(compat_level=pl.CompatLevel.newest())
-                out.dedup[table] = (route.model.dedup_key, route.dedup_window)
+                batch.frames.setdefault(route.model.table, []).append(rows)
+            batch.dead.extend((records[r.index], r) for r in rejects)
+        batch.records = {}
+        return batch
+
+    def _store_loop(self) -> None:
+        while self._error is None:
+            try:
+                item = self._batches.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if isinstance(item, _Batch):
+                self._store(item)
+            elif isinstance(item, _Flush):
+                item.done.set()
+            elif item is _STOP:
+                return
+
+    def _store(self, batch: _Batch) -> None:
+        out = StoreBatch(offsets=batch.offsets)
+        received: Counter[str] = Counter()
+        for route in self.routes.values():
+            table = route.model.table
+            frames = batch.frames.get(table)
+            if not frames:
+                continue
+            rows = pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
+            received[table] = rows.height
+            rows = rows.unique(
+                subset=list(route.model.dedup_key), keep="first", maintain_order=True
+            )
+            # string_view columns: no copy on the way to DuckDB
+            out.rows[table] = rows.rechunk().to_arrow(compat_level=pl.CompatLevel.newest())
+            out.dedup[table] = (route.model.dedup_key, route.dedup_window)
         out.dead_letters = [
             DeadLetterRow(
                 record.topic,
@@ -254,27 +317,26 @@ class IngestWorker:
                 reject.detail,
                 len(record.value or b""),
             )
-            for record, reject in dead
+            for record, reject in batch.dead
         ]
-        if dead and self.dead_letters is not None:
-            self.dead_letters.send(dead)
+        if batch.dead and self.dead_letters is not None:
+            self.dead_letters.send(batch.dead)
         result = self.store.append(out)
         with self.stats._lock:
             self.stats.batches += 1
             self.stats.records += batch.count
             self.stats.stored.update(result.inserted)
             self.stats.duplicates.update({t: received[t] - n for t, n in result.inserted.items()})
-            self.stats.dead_letters.update(r.reason for _, r in dead)
+            self.stats.dead_letters.update(r.reason for _, r in batch.dead)
             self.stats.last_batch_at = time.time()
         with self._stored_lock:
             self._stored.update(batch.offsets)
-        if dead:
+        if batch.dead:
             log.warning(
                 "%d record(s) sent to the dead-letter topic: %s",
-                len(dead),
-                ", ".join(f"{k}={v}" for k, v in Counter(r.reason for _, r in dead).items()),
+                len(batch.dead),
+                ", ".join(f"{k}={v}" for k, v in Counter(r.reason for _, r in batch.dead).items()),
             )
-        return _Batch()
 
 
 class DeadLetterSink:
