@@ -264,6 +264,7 @@ def produce(
         "batch_size": 1 << 20,
         "max_request_size": 16 << 20,
         "acks": 1,
+        "enable_idempotence": False,  # a load generator trades that for speed
     }
     config.update(producer_config or {})
     producer = KafkaProducer(bootstrap_servers=bootstrap, **config)
