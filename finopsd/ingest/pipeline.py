@@ -435,6 +435,8 @@ class Ingestor:
         self.consumer: KafkaConsumer | None = None
         self.assignment: set[TopicPartition] = set()
         self._unsettled: set[TopicPartition] = set()
+        # the rebalance listener runs on kafka-python's network thread
+        self._assignment_lock = threading.Lock()
 
     def stop(self) -> None:
         self._stop.set()
@@ -481,15 +483,17 @@ class Ingestor:
             return
         self.worker.flush()
         self._commit(self.worker.take_stored_offsets())
-        self.assignment -= set(revoked)
+        with self._assignment_lock:
+            self.assignment -= set(revoked)
         log.info("partitions revoked: %s", _names(revoked))
 
     def _on_assigned(self, assigned: list[TopicPartition]) -> None:
         # Runs on kafka-python's IO thread, where blocking calls (committed(), commit())
         # raise: pause the partitions and settle their positions on the polling thread.
         assert self.consumer is not None
-        self.assignment |= set(assigned)
-        self._unsettled |= set(assigned)
+        with self._assignment_lock:
+            self.assignment |= set(assigned)
+            self._unsettled |= set(assigned)
         if assigned:
             self.consumer.pause(*assigned)
         log.info("partitions assigned: %s", _names(assigned))
@@ -497,7 +501,8 @@ class Ingestor:
     def _settle_positions(self) -> None:
         """Seek new partitions to max(store, group); bring the group up to the store."""
         assert self.consumer is not None
-        tps, self._unsettled = self._unsettled & self.assignment, set()
+        with self._assignment_lock:
+            tps, self._unsettled = self._unsettled & self.assignment, set()
         if not tps:
             return
         stored = self.worker.store.stored_offsets({tp.topic for tp in tps})
@@ -508,7 +513,8 @@ class Ingestor:
                 committed = self.consumer.committed(tp)
             except Exception as exc:  # coordinator moving: stay paused, try on the next poll
                 log.warning("committed offset of %s unavailable (%s); retrying", _names([tp]), exc)
-                self._unsettled.add(tp)
+                with self._assignment_lock:
+                    self._unsettled.add(tp)
                 continue
             if committed is not None and (position is None or committed > position):
                 position = committed
@@ -517,7 +523,8 @@ class Ingestor:
             if position is not None:
                 self.consumer.seek(tp, position)
         self._commit(behind, sync=True)
-        settled = tps - self._unsettled
+        with self._assignment_lock:
+            settled = tps - self._unsettled
         if settled:
             self.consumer.resume(*settled)
 
