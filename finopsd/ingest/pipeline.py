@@ -78,6 +78,26 @@ class IngestStats:
     last_batch_at: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def add_batch(
+        self,
+        records: int,
+        inserted: Mapping[str, int],
+        received: Mapping[str, int],
+        dead_letters: Counter[str],
+    ) -> None:
+        """Count one stored batch: rows received per table, rows inserted, rejects by reason."""
+        with self._lock:
+            self.batches += 1
+            self.records += records
+            self.stored.update(inserted)
+            self.duplicates.update({t: received[t] - n for t, n in inserted.items()})
+            self.dead_letters.update(dead_letters)
+            self.last_batch_at = time.time()
+
+    def add_backpressure(self, seconds: float) -> None:
+        with self._lock:
+            self.backpressure_s += seconds
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {
@@ -184,10 +204,6 @@ class IngestWorker:
             stored, self._stored = self._stored, {}
         return stored
 
-    @property
-    def alive(self) -> bool:
-        return all(t.is_alive() for t in self._threads)
-
     def check(self) -> None:
         """Raise ``WorkerFailed`` if a worker thread has died."""
         self._check()
@@ -206,8 +222,7 @@ class IngestWorker:
                 break
             except queue.Full:
                 continue
-        with self.stats._lock:
-            self.stats.backpressure_s += time.monotonic() - waited_from
+        self.stats.add_backpressure(time.monotonic() - waited_from)
 
     def _check(self) -> None:
         if self._error is not None:
@@ -223,8 +238,6 @@ class IngestWorker:
             self._error = exc
 
     def _hand_over(self, item: object) -> None:
-        if isinstance(item, _Batch):
-            item = self._decode(item)
         while self._error is None:
             try:
                 self._batches.put(item, timeout=0.1)
@@ -242,18 +255,15 @@ class IngestWorker:
                 item = self._chunks.get(timeout=max(0.0, timeout))
             except queue.Empty:
                 if batch.count and time.monotonic() >= batch.opened + self.batch_max_age_s:
-                    self._hand_over(batch)
-                    batch = _Batch()
+                    batch = self._close(batch)
                 continue
             if isinstance(item, Chunk):
                 self._add(batch, item)
                 if batch.count >= self.batch_max_events:
-                    self._hand_over(batch)
-                    batch = _Batch()
+                    batch = self._close(batch)
             else:  # _Flush or _STOP: the batch so far goes first
                 if batch.count:
-                    self._hand_over(batch)
-                    batch = _Batch()
+                    batch = self._close(batch)
                 self._hand_over(item)
                 if item is _STOP:
                     return
@@ -268,7 +278,13 @@ class IngestWorker:
         batch.offsets[(chunk.topic, chunk.partition)] = records[-1].offset + 1
         batch.count += len(records)
 
-    def _decode(self, batch: _Batch) -> _Batch:
+    def _close(self, batch: _Batch) -> _Batch:
+        """Decode the batch, pass it to the store thread, and return a fresh one."""
+        self._decode(batch)
+        self._hand_over(batch)
+        return _Batch()
+
+    def _decode(self, batch: _Batch) -> None:
         """Decode a closed batch in one pass per topic: few GIL hand-offs per record."""
         for topic, records in batch.records.items():
             route = self.routes[topic]
@@ -277,7 +293,6 @@ class IngestWorker:
                 batch.frames.setdefault(route.model.table, []).append(rows)
             batch.dead.extend((records[r.index], r) for r in rejects)
         batch.records = {}
-        return batch
 
     def _store_loop(self) -> None:
         while self._error is None:
@@ -322,20 +337,15 @@ class IngestWorker:
         if batch.dead and self.dead_letters is not None:
             self.dead_letters.send(batch.dead)
         result = self.store.append(out)
-        with self.stats._lock:
-            self.stats.batches += 1
-            self.stats.records += batch.count
-            self.stats.stored.update(result.inserted)
-            self.stats.duplicates.update({t: received[t] - n for t, n in result.inserted.items()})
-            self.stats.dead_letters.update(r.reason for _, r in batch.dead)
-            self.stats.last_batch_at = time.time()
+        reasons = Counter(r.reason for _, r in batch.dead)
+        self.stats.add_batch(batch.count, result.inserted, received, reasons)
         with self._stored_lock:
             self._stored.update(batch.offsets)
-        if batch.dead:
+        if reasons:
             log.warning(
                 "%d record(s) sent to the dead-letter topic: %s",
                 len(batch.dead),
-                ", ".join(f"{k}={v}" for k, v in Counter(r.reason for _, r in batch.dead).items()),
+                ", ".join(f"{k}={v}" for k, v in reasons.items()),
             )
 
 
