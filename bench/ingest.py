@@ -60,6 +60,63 @@ def produce_all(bootstrap: str, events: int, procs: int) -> float:
     return time.perf_counter() - started
 
 
+class ThreadCpu:
+    """CPU seconds per thread of this process since construction (Linux /proc; else nothing).
+
+    Threads that have ended by the time of ``report`` are not counted; threads
+    Python did not start are named by their OS name (DuckDB, Arrow pools).
+    """
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+        self.last: dict[int, tuple[str, float]] = dict(self.start)
+
+    @staticmethod
+    def _sample() -> dict[int, tuple[str, float]]:
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        out: dict[int, tuple[str, float]] = {}
+        try:
+            tids = os.listdir("/proc/self/task")
+        except OSError:
+            return out
+        tick = os.sysconf("SC_CLK_TCK")
+        for tid in tids:
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/self/task/{tid}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                continue
+            name = names.get(int(tid), comm)
+            out[int(tid)] = (name, (int(fields[11]) + int(fields[12])) / tick)
+        return out
+
+    def sample(self) -> None:
+        """Remember the current figures (call while short-lived threads still run)."""
+        self.last.update(self._sample())
+
+    def report(self, events: int) -> str:
+        self.sample()
+        by_name: dict[str, float] = {}
+        for tid, (name, cpu) in self.last.items():
+            spent = cpu - self.start.get(tid, (name, 0.0))[1]
+            key = name.split(" (")[0]
+            by_name[key] = by_name.get(key, 0.0) + spent
+        top = sorted(by_name.items(), key=lambda kv: -kv[1])
+        return ", ".join(f"{n} {c / events * 1e6:.1f}" for n, c in top if c > 0.01)
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds a process has used (Linux /proc; 0.0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def raw_consume(bootstrap: str, events: int, partitions: int, settings: Settings) -> float:
     config = consumer_config(settings, bootstrap)
     config.update(group_id=None)
@@ -67,6 +124,7 @@ def raw_consume(bootstrap: str, events: int, partitions: int, settings: Settings
     consumer.assign([TopicPartition(TOPIC, p) for p in range(partitions)])
     consumer.seek_to_beginning()
     seen, started, cpu0 = 0, None, 0.0
+    threads = ThreadCpu()
     while seen < events:
         for records in consumer.poll(
             timeout_ms=500, max_records=config["max_poll_records"]
@@ -77,6 +135,7 @@ def raw_consume(bootstrap: str, events: int, partitions: int, settings: Settings
                 seen += 1
     elapsed = time.perf_counter() - (started or time.perf_counter())
     print(f"  raw consume cpu/event {(time.process_time() - cpu0) / events * 1e6:.1f} us")
+    print(f"    by thread (us/event): {threads.report(events)}")
     consumer.close(autocommit=False)
     return elapsed
 
@@ -99,8 +158,12 @@ def finopsd_ingest(bootstrap: str, events: int, settings: Settings, round_no: in
         )
         started: list[float] = []
         ingestor: Ingestor
+        threads = ThreadCpu()
 
         def on_poll() -> None:
+            if ingestor.polled >= events * 0.9 and len(started) == 2:
+                threads.sample()
+                started.append(0.0)
             if ingestor.polled and not started:
                 started.append(time.perf_counter())
                 started.append(time.process_time())
@@ -118,6 +181,7 @@ def finopsd_ingest(bootstrap: str, events: int, settings: Settings, round_no: in
         elapsed = time.perf_counter() - started[0]
         cpu = (time.process_time() - started[1]) / events * 1e6
         print(f"  finopsd ingest cpu/event {cpu:.1f} us (all threads)")
+        print(f"    by thread (us/event): {threads.report(events)}")
         stored = worker.stats.snapshot()
         rows = store.counts()["usage_events"]
     print(f"  polling waited {stored['backpressure_s']:.2f}s of {elapsed:.2f}s on the worker")
@@ -152,8 +216,15 @@ def main() -> int:
         )
         ratios = []
         for r in range(1, args.rounds + 1):
+            broker_cpu = process_cpu(broker.pid)
             a = raw_consume(broker.bootstrap, args.events, args.partitions, settings)
+            broker_a = process_cpu(broker.pid) - broker_cpu
             b = finopsd_ingest(broker.bootstrap, args.events, settings, r)
+            broker_b = process_cpu(broker.pid) - broker_cpu - broker_a
+            print(
+                f"  broker cpu/event (a) {broker_a / args.events * 1e6:.1f} us, "
+                f"(b) {broker_b / args.events * 1e6:.1f} us"
+            )
             ra, rb = args.events / a, args.events / b
             ratios.append(rb / ra)
             print(

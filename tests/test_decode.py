@@ -103,7 +103,7 @@ def assert_agrees_with_model(decoder: BatchDecoder, values: list[bytes]) -> None
     assert len(rejects) == len(got_refused), "an index was rejected twice"
     assert [r.index for r in rejects] == sorted(got_refused), "rejects are not in input order"
     assert got_refused == want_refused, [values[i][:300] for i in got_refused.keys() ^ want_refused]
-    got_rows = sorted((canonical(r) for r in frame.to_dicts()), key=repr)
+    got_rows = sorted((canonical(r) for r in frame.to_pylist()), key=repr)
     assert got_rows == want_rows
 
 
@@ -120,9 +120,9 @@ def test_valid_load_decodes_to_model_rows() -> None:
     decoder = BatchDecoder(UsageEvent)
     frame, rejects = decoder.decode(values)
     assert rejects == []
-    assert frame.height == len(values)
-    assert list(frame.columns) == list(store_schema(UsageEvent))
-    for got, value in zip(frame.to_dicts(), values, strict=True):
+    assert frame.num_rows == len(values)
+    assert frame.column_names == store_schema(UsageEvent).names
+    for got, value in zip(frame.to_pylist(), values, strict=True):
         want = UsageEvent.model_validate_json(value).row()
         assert got == want
         assert got["ts"].utcoffset() == timedelta(0)
@@ -137,7 +137,7 @@ def test_omitted_defaults_are_filled() -> None:
     decoder = BatchDecoder(UsageEvent)
     frame, rejects = decoder.decode([encode(event, separators=(",", ":"))])
     assert rejects == []
-    (row,) = frame.to_dicts()
+    (row,) = frame.to_pylist()
     assert row == UsageEvent.model_validate_json(json.dumps(event)).row()
     assert row["status"] == "ok"
     assert row["latency_class"] == "interactive"
@@ -149,7 +149,7 @@ def test_omitted_defaults_are_filled() -> None:
 def test_empty_batch() -> None:
     """No values: an empty frame with the store schema and no rejects."""
     frame, rejects = BatchDecoder(UsageEvent).decode([])
-    assert frame.height == 0 and rejects == []
+    assert frame.num_rows == 0 and rejects == []
     assert frame.schema == store_schema(UsageEvent)
 
 
@@ -514,14 +514,14 @@ def test_three_bad_records_in_ten_thousand() -> None:
     for i, (value, _reason, _field) in bad.items():
         values[i] = value
     frame, rejects = BatchDecoder(UsageEvent).decode(values)
-    assert frame.height == 9_997
+    assert frame.num_rows == 9_997
     assert [r.index for r in rejects] == sorted(bad)
     for reject in rejects:
         _value, reason, field = bad[reject.index]
         assert reject.reason == reason
         assert reject.reason in REASONS
         assert field in reject.detail
-    kept = set(frame.get_column("event_id").to_list())
+    kept = set(frame.column("event_id").to_pylist())
     assert len(kept) == 9_997
     ids = [json.loads(v)["event_id"] for i, v in enumerate(values) if i not in bad]
     assert kept == set(ids)
@@ -547,7 +547,7 @@ def test_reject_reason_and_detail(value: bytes, reason: str, field: str) -> None
     """Each refusal carries the right reason code and a detail naming the offending field."""
     neighbours = usage_values(2, seed=4)
     frame, rejects = BatchDecoder(UsageEvent).decode([neighbours[0], value, neighbours[1]])
-    assert frame.height == 2
+    assert frame.num_rows == 2
     assert [(r.index, r.reason) for r in rejects] == [(1, reason)]
     assert field in rejects[0].detail
     assert set(REASONS) >= {r.reason for r in rejects}
@@ -560,7 +560,7 @@ def test_loadgen_invalid_payloads_are_all_rejected() -> None:
     decoder = BatchDecoder(UsageEvent)
     frame, rejects = decoder.decode(values)
     assert len(rejects) == load.counts["invalid"] > 0
-    assert frame.height == load.counts["valid"]
+    assert frame.num_rows == load.counts["valid"]
     assert {r.reason for r in rejects} == {
         "invalid_json",
         "wrong_type",
@@ -577,10 +577,10 @@ def test_record_over_max_bytes_is_rejected_as_too_large() -> None:
     huge = dict(BASE, feature="x" * MAX_TEXT, padding="p" * (5 << 20))
     values.insert(2, encode(huge))
     frame, rejects = BatchDecoder(UsageEvent, max_record_bytes=1 << 20).decode(values)
-    assert frame.height == 5
+    assert frame.num_rows == 5
     assert [(r.index, r.reason) for r in rejects] == [(2, "too_large")]
     assert str(len(values[2])) in rejects[0].detail
-    assert set(frame.get_column("event_id").to_list()) == {
+    assert set(frame.column("event_id").to_pylist()) == {
         json.loads(v)["event_id"] for i, v in enumerate(values) if i != 2
     }
 
@@ -589,9 +589,9 @@ def test_record_at_max_bytes_is_kept() -> None:
     """The limit is inclusive: a value of exactly max_record_bytes is decoded normally."""
     value = usage_values(1, seed=2)[0]
     frame, rejects = BatchDecoder(UsageEvent, max_record_bytes=len(value)).decode([value])
-    assert rejects == [] and frame.height == 1
+    assert rejects == [] and frame.num_rows == 1
     frame, rejects = BatchDecoder(UsageEvent, max_record_bytes=len(value) - 1).decode([value])
-    assert frame.height == 0 and [r.reason for r in rejects] == ["too_large"]
+    assert frame.num_rows == 0 and [r.reason for r in rejects] == ["too_large"]
 
 
 # -- GPU samples ------------------------------------------------------------------------------
@@ -636,7 +636,7 @@ def test_gpu_samples_decode() -> None:
         values[i] = value
     decoder = BatchDecoder(GpuSample)
     frame, rejects = decoder.decode(values)
-    assert frame.height == len(values) - len(bad)
+    assert frame.num_rows == len(values) - len(bad)
     assert [(r.index, r.reason) for r in rejects] == [
         (3, "invalid_value"),
         (7, "invalid_value"),
@@ -646,18 +646,18 @@ def test_gpu_samples_decode() -> None:
     assert "utilization_pct" in rejects[0].detail
     assert frame.schema == store_schema(GpuSample)
     good = [GpuSample.model_validate_json(v).row() for i, v in enumerate(values) if i not in bad]
-    assert frame.to_dicts() == good
+    assert frame.to_pylist() == good
     assert_agrees_with_model(decoder, values)
 
 
 # -- the model and the migration cannot drift -------------------------------------------------
 
 _DUCKDB_TYPES = {
-    "String": "VARCHAR",
-    "Int64": "BIGINT",
-    "Float64": "DOUBLE",
-    "Datetime(time_unit='us', time_zone='UTC')": "TIMESTAMP WITH TIME ZONE",
-    "List(Int64)": "BIGINT[]",
+    "string": "VARCHAR",
+    "int64": "BIGINT",
+    "double": "DOUBLE",
+    "timestamp[us, tz=UTC]": "TIMESTAMP WITH TIME ZONE",
+    "list<item: int64>": "BIGINT[]",
 }
 
 
@@ -682,7 +682,7 @@ def test_store_schema_matches_store_table(model: type[_Event], tmp_path: Path) -
         )
     assert columns.pop("ingested_at") == "TIMESTAMP WITH TIME ZONE"
     schema = decode.store_schema(model)
-    assert list(columns) == list(schema)
-    assert {name: _DUCKDB_TYPES[repr(dtype)] for name, dtype in schema.items()} == columns
-    for name in schema:
+    assert list(columns) == schema.names
+    assert {f.name: _DUCKDB_TYPES[str(f.type)] for f in schema} == columns
+    for name in schema.names:
         assert nullable[name] == _nullable(model, name), name

@@ -38,7 +38,7 @@ def to_table(model: type[_Event], values: list[bytes]) -> pa.Table:
     """Decode values the way the pipeline does and hand over an Arrow table."""
     rows, rejects = BatchDecoder(model).decode(values)
     assert rejects == []
-    return rows.to_arrow().combine_chunks()
+    return rows.combine_chunks()
 
 
 def usage_table(n: int, *, seed: int = 1, start: datetime = START) -> pa.Table:

@@ -79,6 +79,11 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        """The broker's process id (0 when it is not running)."""
+        return self._proc.pid if self._proc is not None else 0
+
     def start(self) -> str:
         if self._proc is not None:
             return self.bootstrap

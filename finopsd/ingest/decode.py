@@ -1,19 +1,20 @@
 """Where an event is decoded: raw Kafka record values in, store rows and rejects out.
 
-``BatchDecoder.decode(values)`` turns a list of record values into a polars
-frame of valid rows (store column names, store dtypes) and a list of
+``BatchDecoder.decode(values)`` turns a list of record values into an Arrow
+table of valid rows (store column names, store types) and a list of
 ``Reject``s that say, by index, which values were refused and why.
 
 Two paths, one contract:
 
-* the fast path joins the values into NDJSON and parses them with polars
-  (which releases the GIL) against a schema derived from the event model, then
-  checks every constraint of the model column-wise. It accepts a row only when
-  the model would accept it with the same values; anything else it hands on.
+* the fast path joins the values into NDJSON and parses them with Arrow's JSON
+  reader (which releases the GIL) against a schema derived from the event
+  model, then checks every constraint of the model column-wise. It accepts a
+  row only when the model would accept it with the same values; anything else
+  it hands on.
 * the slow path validates one value at a time with the pydantic model, which is
   the arbiter: it returns the row, or a ``Reject`` whose detail names the field.
 
-A batch that polars cannot parse as a whole (one malformed line, a value with
+A batch that Arrow cannot parse as a whole (one malformed line, a value with
 an embedded newline, an empty value) is retried in chunks; a chunk that still
 fails is checked record by record, and its good records are parsed together
 again. One bad record costs its chunk a slower pass, never its neighbours.
@@ -27,14 +28,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pa_json
 from pydantic import AwareDatetime, ValidationError
 from pydantic.fields import FieldInfo
 
 from finopsd.events import _Event, explain
-
-TS_FORMAT = "%Y-%m-%dT%H:%M:%S%.f%#z"
-"""RFC 3339 timestamps the fast path parses; other forms go to the model."""
 
 FALLBACK_CHUNK = 256
 """When a batch does not parse as a whole, it is retried in chunks of this many records;
@@ -147,82 +147,100 @@ def _columns(model: type[_Event]) -> list[_Column]:
 
 
 RFC3339 = (
-    r"^\d{4}-\d{2}-\d{2}T([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,9})?"
+    r"^([1-9]\d{3}|0[1-9]\d{2}|00[1-9]\d|000[1-9])-\d{2}-\d{2}"
+    r"T([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,6})?"
     r"(Z|[+-]([01]\d|2[0-3]):[0-5]\d)$"
 )
-"""Timestamps the fast path reads; any other form is left to the model."""
+"""Timestamps the fast path reads (year 1 onwards, at most microseconds); any other form is
+left to the model."""
 
-_WIRE_DTYPES: dict[str, Any] = {
-    # Categorical refuses JSON numbers, booleans and objects where String would
-    # silently turn them into text; the model refuses them too.
-    "str": pl.Categorical,
-    "enum": pl.Categorical,
-    "ts": pl.Categorical,
-    "int": pl.Int64,
-    "float": pl.Float64,
-    "int_list": pl.List(pl.Int64),
+TIMESTAMP = pa.timestamp("us", "UTC")
+_NEWLINE = pa.scalar(b"\n", pa.large_binary())
+
+_WIRE_TYPES: dict[str, pa.DataType] = {
+    # Arrow's JSON reader refuses a number, boolean, object or array where the schema
+    # says string (the whole parse fails and the batch is retried in chunks), so no JSON
+    # value is silently turned into text; the model refuses them too.
+    "str": pa.string(),
+    "enum": pa.string(),
+    "ts": pa.string(),
+    "int": pa.int64(),
+    "float": pa.float64(),
+    "int_list": pa.list_(pa.int64()),
 }
-_STORE_DTYPES: dict[str, Any] = {
-    "str": pl.String,
-    "enum": pl.String,
-    "ts": pl.Datetime("us", "UTC"),
-    "int": pl.Int64,
-    "float": pl.Float64,
-    "int_list": pl.List(pl.Int64),
-}
+_STORE_TYPES: dict[str, pa.DataType] = {**_WIRE_TYPES, "ts": TIMESTAMP}
 
 
-def store_schema(model: type[_Event]) -> dict[str, Any]:
-    """Column name to polars dtype of the rows ``BatchDecoder`` returns for ``model``."""
-    return {c.name: _STORE_DTYPES[c.kind] for c in _columns(model)}
+def store_schema(model: type[_Event]) -> pa.Schema:
+    """Column names and Arrow types of the rows ``BatchDecoder`` returns for ``model``."""
+    return pa.schema([pa.field(c.name, _STORE_TYPES[c.kind]) for c in _columns(model)])
 
 
 class BatchDecoder:
     """Decodes record values of one event model into store rows and rejects.
 
     ``decode(values)`` is pure (no I/O) and safe to call from a worker thread;
-    its heavy work runs in polars without the GIL.
+    its heavy work runs in Arrow without the GIL.
     """
 
     def __init__(self, model: type[_Event], *, max_record_bytes: int = 1 << 20) -> None:
         self.model = model
         self.max_record_bytes = max_record_bytes
         self.columns = _columns(model)
-        self.wire_schema = {c.wire: _WIRE_DTYPES[c.kind] for c in self.columns}
         self.schema = store_schema(model)
-        self._as_text = [
-            pl.col(c.wire).cast(pl.String) for c in self.columns if c.kind in ("str", "enum", "ts")
-        ]
-        self._convert, self._valid = self._expressions()
+        wire = pa.schema([pa.field(c.wire, _WIRE_TYPES[c.kind]) for c in self.columns])
+        self._parse_options = pa_json.ParseOptions(
+            explicit_schema=wire, unexpected_field_behavior="ignore"
+        )
+        # one thread: the ingest pipeline runs decoding beside polling and storing, and a
+        # single-threaded parse costs the least CPU per record
+        self._read_options = pa_json.ReadOptions(use_threads=False, block_size=8 << 20)
 
     # -- public -----------------------------------------------------------------
 
-    def decode(self, values: list[bytes]) -> tuple[pl.DataFrame, list[Reject]]:
+    def decode(self, values: list[bytes] | pa.LargeBinaryArray) -> tuple[pa.Table, list[Reject]]:
         """Rows the model accepts, and a ``Reject`` (in input order) for every other value.
 
-        Rows keep their input order except that rows recovered by the slow path
-        come after the chunk they were in.
+        ``values`` are record values, as bytes or already in an Arrow array.
+
+        Rows the fast path reads keep their input order; a row the model recovers on
+        its own may come anywhere.
         """
-        frames: list[pl.DataFrame] = []
+        frames: list[pa.Table] = []
         rejects: list[Reject] = []
-        if not values:
+        if not len(values):
             return self.empty(), rejects
-        index: list[int] | None = None
-        if max(map(len, values)) > self.max_record_bytes:
-            limit = self.max_record_bytes
-            index = [i for i, v in enumerate(values) if len(v) <= limit]
-            rejects = [
-                Reject(
-                    i,
-                    "too_large",
-                    f"record is {len(v)} bytes; the limit is {limit} (ingest.max_record_bytes)",
-                )
-                for i, v in enumerate(values)
-                if len(v) > limit
-            ]
-            values = [values[i] for i in index]
-        if values:
-            self._decode_chunk(values, index, frames, rejects)
+        # The only per-record Python work: one copy into Arrow. Every scan below runs in
+        # Arrow without the GIL, so decoding leaves the polling thread alone.
+        batch = (
+            values
+            if isinstance(values, pa.LargeBinaryArray)
+            else pa.array(values, type=pa.large_binary())
+        )
+        values = _Values(batch)
+        sizes = pc.binary_length(batch)
+        limit = self.max_record_bytes
+        # The fast path takes one JSON object per line; anything else goes to the model.
+        fast = pc.and_(
+            pc.starts_with(batch, "{"),
+            pc.invert(pc.match_substring(batch, "\n")),
+        )
+        # Arrow and the model may disagree on surrogate escapes: the model decides
+        fast = pc.and_not(fast, pc.match_substring(batch, "\\ud", ignore_case=True))
+        oversized = pc.greater(sizes, limit)
+        if pc.all(fast).as_py() and not pc.any(oversized).as_py():
+            self._decode_chunk(batch, None, values, frames, rejects)
+        else:
+            for i in pc.indices_nonzero(oversized).to_pylist():
+                size = f"record is {len(values[i])} bytes"
+                detail = f"{size}; the limit is {limit} (ingest.max_record_bytes)"
+                rejects.append(Reject(i, "too_large", detail))
+            fast = pc.and_not(fast, oversized)
+            for i in pc.indices_nonzero(pc.invert(pc.or_(fast, oversized))).to_pylist():
+                self._slow(values[i], i, frames, rejects)
+            index = pc.indices_nonzero(fast)
+            if len(index):
+                self._decode_chunk(batch.take(index), index.to_pylist(), values, frames, rejects)
         rejects.sort(key=lambda r: r.index)
         return self._concat(frames), rejects
 
@@ -235,137 +253,161 @@ class BatchDecoder:
         except ValidationError as exc:
             return Reject(0, _reason(exc), explain(exc))
 
-    def empty(self) -> pl.DataFrame:
-        return pl.DataFrame(schema=self.schema)
+    def empty(self) -> pa.Table:
+        return self.schema.empty_table()
 
     # -- internals --------------------------------------------------------------
 
     def _decode_chunk(
         self,
-        values: list[bytes],
+        batch: pa.LargeBinaryArray,
         index: list[int] | None,
-        frames: list[pl.DataFrame],
+        values: _Values,
+        frames: list[pa.Table],
         rejects: list[Reject],
     ) -> None:
-        """Decode ``values``; ``index`` maps their positions to input indices (None: identity)."""
-        if self._fast(values, index, frames, rejects):
+        """Decode ``batch``, whose position ``k`` holds ``values[index[k]]`` (None: identity).
+
+        Every value in ``batch`` is one line that starts with ``{``.
+        """
+        if self._fast(batch, index, values, frames, rejects):
             return
-        idx = index if index is not None else list(range(len(values)))
-        survivors: list[bytes] = []
-        survivor_index: list[int] = []
-        for start in range(0, len(values), FALLBACK_CHUNK):
-            part = values[start : start + FALLBACK_CHUNK]
+        idx = index if index is not None else list(range(len(batch)))
+        survivors: list[int] = []  # positions in batch
+        for start in range(0, len(batch), FALLBACK_CHUNK):
+            part = batch.slice(start, FALLBACK_CHUNK)
             part_index = idx[start : start + FALLBACK_CHUNK]
-            if self._fast(part, part_index, frames, rejects):
+            if self._fast(part, part_index, values, frames, rejects):
                 continue
-            for value, i in zip(part, part_index, strict=True):
+            for pos, i in enumerate(part_index, start):
                 try:
-                    self.model.model_validate_json(value)
+                    self.model.model_validate_json(values[i])
                 except ValidationError as exc:
                     rejects.append(Reject(i, _reason(exc), explain(exc)))
                 else:
-                    survivors.append(value)
-                    survivor_index.append(i)
-        if survivors and not self._fast(survivors, survivor_index, frames, rejects):
-            for value, i in zip(survivors, survivor_index, strict=True):
-                self._slow(value, i, frames, rejects)
+                    survivors.append(pos)
+        if not survivors:
+            return
+        survivor_index = [idx[pos] for pos in survivors]
+        kept = batch.take(pa.array(survivors, type=pa.int64()))
+        if not self._fast(kept, survivor_index, values, frames, rejects):
+            for i in survivor_index:
+                self._slow(values[i], i, frames, rejects)
 
     def _fast(
         self,
-        values: list[bytes],
+        batch: pa.LargeBinaryArray,
         index: list[int] | None,
-        frames: list[pl.DataFrame],
+        values: _Values,
+        frames: list[pa.Table],
         rejects: list[Reject],
     ) -> bool:
-        """Parse ``values`` as one NDJSON document; False if polars cannot (nothing appended)."""
-        joined = b"\n".join(values)
-        if joined.count(b"\n") != len(values) - 1:
-            return False  # a value holds a newline: lines and records no longer line up
+        """Parse ``batch`` as one NDJSON document; False if Arrow cannot (nothing appended)."""
         try:
-            parsed = pl.read_ndjson(joined, schema=self.wire_schema)
-        except Exception:  # polars raises several types for bad input; any means "not here"
+            batch.cast(
+                pa.large_string()
+            )  # Arrow's JSON reader does not check UTF-8; the model does
+            lines = pa.LargeListArray.from_arrays(pa.array([0, len(batch)], pa.int64()), batch)
+            document = pc.binary_join(lines, _NEWLINE)[0].as_buffer()
+            parsed = pa_json.read_json(
+                pa.BufferReader(document),
+                read_options=self._read_options,
+                parse_options=self._parse_options,
+            )
+            if parsed.num_rows != len(batch):
+                return False  # not one row per line: left to the caller
+            rows, valid = self._check(parsed)
+        except (pa.ArrowException, ValueError):  # not parseable here: left to the caller
             return False
-        if parsed.height != len(values):
-            return False  # a blank value produced no row
-        checked = parsed.with_columns(self._as_text).select(
-            [*self._convert, self._valid.alias("__valid")]
-        )
-        valid = checked.get_column("__valid")
-        if b"\\ud" in joined or b"\\uD" in joined:
-            # polars and the model disagree on unpaired surrogate escapes: the model decides
-            escaped = pl.Series([b"\\ud" in v or b"\\uD" in v for v in values])
-            valid = valid & ~escaped
-        if valid.all():
-            frames.append(checked.drop("__valid"))
+        if pc.all(valid).as_py():
+            frames.append(rows)
             return True
-        frames.append(checked.filter(valid).drop("__valid"))
-        for pos in (~valid).arg_true().to_list():
-            self._slow(values[pos], pos if index is None else index[pos], frames, rejects)
+        frames.append(rows.filter(valid))
+        for pos in pc.indices_nonzero(pc.invert(valid)).to_pylist():
+            i = pos if index is None else index[pos]
+            self._slow(values[i], i, frames, rejects)
         return True
 
-    def _slow(
-        self, value: bytes, i: int, frames: list[pl.DataFrame], rejects: list[Reject]
-    ) -> None:
+    def _slow(self, value: bytes, i: int, frames: list[pa.Table], rejects: list[Reject]) -> None:
         result = self.decode_one(value)
         if isinstance(result, Reject):
             rejects.append(Reject(i, result.reason, result.detail))
         else:
-            frames.append(pl.DataFrame([result], schema=self.schema))
+            frames.append(pa.Table.from_pylist([result], schema=self.schema))
 
-    def _concat(self, frames: list[pl.DataFrame]) -> pl.DataFrame:
+    def _concat(self, frames: list[pa.Table]) -> pa.Table:
         if not frames:
             return self.empty()
         if len(frames) == 1:
             return frames[0]
-        return pl.concat(frames, how="vertical", rechunk=False)
+        return pa.concat_tables(frames)
 
-    def _expressions(self) -> tuple[list[pl.Expr], pl.Expr]:
-        """Wire columns to store columns, and one boolean: the model accepts the row."""
-        convert: list[pl.Expr] = []
-        checks: list[pl.Expr] = []
+    def _check(self, parsed: pa.Table) -> tuple[pa.Table, pa.Array]:
+        """Wire columns as store columns, and one boolean per row: the model accepts it.
+
+        A check that cannot decide a row (a null where the value is optional) passes it.
+        """
+        checks: list[Any] = []
+        columns: list[Any] = []
         for c in self.columns:
-            raw = pl.col(c.wire)  # text kinds are already cast from Categorical to String
-            present = raw.is_not_null()
-            if c.kind == "str":
-                # polars renders an integer beyond 64 bits as "Static(...)" text; enum and
-                # ts values meet stricter checks below
-                checks.append(~present | ~raw.str.starts_with("Static("))
+            raw = parsed.column(c.wire)
+            value = raw
+            if c.required and raw.null_count:
+                checks.append(pc.is_valid(raw))
             if c.kind == "ts":
-                checks.append(~present | raw.str.contains(RFC3339))
-                value = raw.str.to_datetime(
-                    TS_FORMAT, time_zone="UTC", time_unit="us", strict=False
-                )
-                # a timestamp the fast format cannot read is left to the model
-                checks.append(value.is_not_null() | raw.is_null())
-            else:
-                value = raw
-            if c.required:
-                checks.append(present)
-            if c.default is not None:
-                value = value.fill_null(c.default)
-            if c.kind == "str" and (c.min_len is not None or c.max_len is not None):
+                readable = pc.match_substring_regex(raw, RFC3339)
+                checks.append(readable)
+                # a timestamp the fast form does not cover is left to the model
+                value = pc.cast(pc.if_else(readable, raw, None), TIMESTAMP)
+            elif c.kind == "str" and (c.min_len is not None or c.max_len is not None):
                 # Bytes bound characters from above, so a string within max_len bytes is
                 # within max_len characters; a longer one is left to the model to judge.
                 # Likewise a non-empty string has at least one character.
-                size = raw.str.len_bytes()
                 lo = c.min_len or 0
                 hi = c.max_len if c.max_len is not None else 2**62
-                if lo <= 1:
-                    checks.append(~present | size.is_between(lo, hi))
-                else:
-                    checks.append(~present | raw.str.len_chars().is_between(lo, hi))
-            if c.kind == "enum":
-                checks.append(~present | raw.is_in(list(c.choices)))
-            if c.kind in ("int", "float"):
+                size = pc.utf8_length(raw) if lo > 1 else pc.binary_length(raw)
+                checks.append(pc.and_(pc.greater_equal(size, lo), pc.less_equal(size, hi)))
+            elif c.kind == "enum":
+                checks.append(pc.or_(pc.is_null(raw), pc.is_in(raw, pa.array(c.choices))))
+            elif c.kind in ("int", "float"):
                 if c.ge is not None:
-                    checks.append(~present | (raw >= c.ge))
+                    checks.append(pc.greater_equal(raw, c.ge))
                 if c.le is not None:
-                    checks.append(~present | (raw <= c.le))
-            if c.kind == "int_list":
-                checks.append(~present | ~raw.list.eval(pl.element().is_null()).list.any())
-            convert.append(value.cast(_STORE_DTYPES[c.kind]).alias(c.name))
-        valid = pl.all_horizontal(checks) if checks else pl.lit(True)
-        return convert, valid
+                    checks.append(pc.less_equal(raw, c.le))
+                if c.kind == "float":
+                    checks.append(pc.is_finite(raw))  # NaN slips through Arrow's parser
+            elif c.kind == "int_list" and raw.null_count < len(raw):
+                checks.append(_no_null_items(raw))
+            if c.default is not None and raw.null_count:
+                value = pc.fill_null(value, c.default)
+            columns.append(value)
+        valid = pc.fill_null(checks[0], True) if checks else pc.is_valid(parsed.column(0))
+        for check in checks[1:]:
+            valid = pc.and_(valid, pc.fill_null(check, True))
+        return pa.Table.from_arrays(columns, schema=self.schema), valid
+
+
+class _Values:
+    """``values[i]``: the bytes of record ``i`` of an Arrow array, for the slow path."""
+
+    def __init__(self, batch: pa.LargeBinaryArray) -> None:
+        self.batch = batch
+
+    def __getitem__(self, i: int) -> bytes:
+        return self.batch[i].as_py() or b""
+
+
+def _no_null_items(lists: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Per row: the list holds no null item (a null list passes)."""
+    chunks = []
+    for chunk in lists.chunks:
+        items = pc.list_flatten(chunk)
+        flags = [True] * len(chunk)
+        if items.null_count:  # rare: worth a Python loop over the offending rows only
+            for row in pc.filter(pc.list_parent_indices(chunk), pc.is_null(items)).to_pylist():
+                flags[row] = False
+        chunks.append(pa.array(flags, type=pa.bool_()))
+    return pa.chunked_array(chunks, type=pa.bool_())
 
 
 _TYPE_ERRORS = ("_type", "_parsing", "literal_error", "timezone_aware", "timezone_naive")

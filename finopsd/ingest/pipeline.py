@@ -18,6 +18,8 @@ the group's committed offset.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import queue
 import threading
@@ -29,6 +31,7 @@ from datetime import timedelta
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import MessageSizeTooLargeError
@@ -39,6 +42,9 @@ from finopsd.ingest.decode import BatchDecoder, Reject
 from finopsd.store import DeadLetterRow, Store, StoreBatch
 
 log = logging.getLogger(__name__)
+
+GIL_PIECE = 2048
+"""Records copied into Arrow per call: each call holds the GIL, so it stays short."""
 
 HEADER_PREFIX = "finopsd-"
 """Dead-letter headers: finopsd-reason, finopsd-detail, finopsd-source-{topic,partition,offset}."""
@@ -127,8 +133,9 @@ class _Batch:
     """Decoded rows, rejects and next offsets waiting to be stored together."""
 
     def __init__(self) -> None:
-        self.records: dict[str, list[Any]] = {}  # topic -> records not decoded yet
-        self.frames: dict[str, list[pl.DataFrame]] = {}  # table -> decoded rows
+        self.records: dict[str, list[list[Any]]] = {}  # topic -> chunks of records
+        self.values: dict[str, list[pa.Array]] = {}  # topic -> their values, in pieces
+        self.frames: dict[str, list[pa.Table]] = {}  # table -> decoded rows
         self.dead: list[tuple[Any, Reject]] = []
         self.offsets: dict[tuple[str, int], int] = {}
         self.count = 0
@@ -274,7 +281,12 @@ class IngestWorker:
             return
         if not batch.count:
             batch.opened = time.monotonic()
-        batch.records.setdefault(chunk.topic, []).extend(records)
+        batch.records.setdefault(chunk.topic, []).append(records)
+        pieces = batch.values.setdefault(chunk.topic, [])
+        values = [r.value or b"" for r in records]
+        # Each copy into Arrow holds the GIL; short pieces let the polling thread in between.
+        for start in range(0, len(values), GIL_PIECE):
+            pieces.append(pa.array(values[start : start + GIL_PIECE], type=pa.large_binary()))
         batch.offsets[(chunk.topic, chunk.partition)] = records[-1].offset + 1
         batch.count += len(records)
 
@@ -286,13 +298,23 @@ class IngestWorker:
 
     def _decode(self, batch: _Batch) -> None:
         """Decode a closed batch in one pass per topic: few GIL hand-offs per record."""
-        for topic, records in batch.records.items():
+        for topic, chunks in batch.records.items():
             route = self.routes[topic]
-            rows, rejects = route.decoder.decode([r.value or b"" for r in records])
-            if rows.height:
+            values = pa.concat_arrays(batch.values[topic])
+            rows, rejects = route.decoder.decode(values)
+            if rows.num_rows:
                 batch.frames.setdefault(route.model.table, []).append(rows)
-            batch.dead.extend((records[r.index], r) for r in rejects)
+            if rejects:
+                starts = list(itertools.accumulate((len(c) for c in chunks), initial=0))
+                for r in rejects:
+                    k = bisect.bisect_right(starts, r.index) - 1
+                    batch.dead.append((chunks[k][r.index - starts[k]], r))
+            # Freeing a whole batch of records at once would hold the GIL for long: free
+            # them a chunk at a time.
+            while chunks:
+                chunks.pop()
         batch.records = {}
+        batch.values = {}
 
     def _store_loop(self) -> None:
         while self._error is None:
@@ -315,13 +337,9 @@ class IngestWorker:
             frames = batch.frames.get(table)
             if not frames:
                 continue
-            rows = pl.concat(frames, how="vertical") if len(frames) > 1 else frames[0]
-            received[table] = rows.height
-            rows = rows.unique(
-                subset=list(route.model.dedup_key), keep="first", maintain_order=True
-            )
-            # string_view columns: no copy on the way to DuckDB
-            out.rows[table] = rows.rechunk().to_arrow(compat_level=pl.CompatLevel.newest())
+            rows = pa.concat_tables(frames) if len(frames) > 1 else frames[0]
+            received[table] = rows.num_rows
+            out.rows[table] = first_of_each_key(rows, route.model.dedup_key)
             out.dedup[table] = (route.model.dedup_key, route.dedup_window)
         out.dead_letters = [
             DeadLetterRow(
@@ -537,6 +555,15 @@ class Ingestor:
             settled = tps - self._unsettled
         if settled:
             self.consumer.resume(*settled)
+
+
+def first_of_each_key(rows: pa.Table, key: tuple[str, ...]) -> pa.Table:
+    """``rows`` without the repeats of a key already seen earlier in it (order kept)."""
+    if rows.select(list(key)).group_by(list(key)).aggregate([]).num_rows == rows.num_rows:
+        return rows  # the usual case: no key repeats, and no copy
+    keys = pl.DataFrame(rows.select(list(key)))
+    first = keys.select(pl.struct(pl.all()).is_first_distinct()).to_series()
+    return rows.filter(first.to_arrow())
 
 
 def _names(tps: list[TopicPartition]) -> str:
