@@ -5,7 +5,7 @@ In one run: start the embedded broker, produce N usage events (default
 
   (a) a plain kafka-python consumer reading the topic (no decode, no store), and
   (b) finopsd's ingest of the same topic into a fresh DuckDB file: decode and
-      validate, dedup, dead-letter handling, rows and offsets in one
+      validate, price, dedup, dead-letter handling, rows and offsets in one
       transaction per batch, offsets committed back to Kafka.
 
 Each is timed from its first non-empty poll to its last record (for (b): to
@@ -40,6 +40,7 @@ from finopsd.ingest.broker import EmbeddedBroker, ensure_topics
 from finopsd.ingest.decode import BatchDecoder
 from finopsd.ingest.loadgen import UsageLoad, produce
 from finopsd.ingest.pipeline import Ingestor, IngestWorker, Route
+from finopsd.pricing import PriceBook
 from finopsd.store import Store
 
 TOPIC = "bench.usage"
@@ -155,6 +156,7 @@ def finopsd_ingest(bootstrap: str, events: int, settings: Settings, round_no: in
             batch_max_events=settings.ingest.batch_max_events,
             batch_max_age_s=settings.ingest.batch_max_age_ms / 1000,
             queue_chunks=settings.ingest.queue_chunks,
+            prices=PriceBook.from_settings(settings.pricing),
         )
         started: list[float] = []
         ingestor: Ingestor

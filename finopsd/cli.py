@@ -163,6 +163,139 @@ def _producer_auth(settings: Settings, args: argparse.Namespace) -> dict[str, An
     return {} if args.bootstrap or settings.kafka.embedded else settings.kafka.client_config()
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Publish a trace file to Kafka as native usage events; see ``finopsd.ingest.replay``."""
+    from datetime import UTC, datetime
+
+    from kafka.errors import KafkaError
+
+    from finopsd.ingest import replay as rp
+
+    settings = _settings(args)
+    setup_logging(settings, args.debug)
+    path = Path(args.file)
+    plan: rp.Plan | None = None
+    if args.format == "native":
+        flags = ("tenants", "models", "run_id", "start", "seed")
+        given = [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f) is not None]
+        if given:
+            print(
+                f"finopsd: {', '.join(given)}: not for --format native, whose lines are sent "
+                "as they are (own event_id, ts, tenant and model)",
+                file=sys.stderr,
+            )
+            return 2
+    else:
+        plan = rp.Plan(
+            run_id=args.run_id or rp.new_run_id(),
+            start=args.start or datetime.now(UTC).replace(microsecond=0),
+            tenants=args.tenants or rp.DEFAULT_TENANTS,
+            models=args.models or rp.DEFAULT_MODELS,
+            seed=args.seed or 0,
+        )
+    try:
+        items = rp.read_trace(path, args.format, plan)
+    except rp.ReplayInputError as exc:
+        print(f"finopsd: {exc}", file=sys.stderr)
+        return 2
+    bootstrap = _bootstrap(args, settings)
+    topic = args.topic or settings.kafka.usage_topic
+    run = {
+        "file": str(path),
+        "format": args.format,
+        "topic": topic,
+        "bootstrap": bootstrap,
+        "run_id": plan.run_id if plan else None,
+        "start": plan.start.isoformat().replace("+00:00", "Z") if plan else None,
+        "speed": args.speed,
+        "limit": args.limit,
+    }
+    max_reported = 20
+    bad_lines = 0
+    bar: Any = None  # (rich Progress, task id) while a progress bar shows
+
+    def advance(n: int) -> None:
+        if bar is not None:
+            bar[0].advance(bar[1], n)
+
+    def on_bad_line(bad: rp.BadLine) -> None:
+        nonlocal bad_lines
+        bad_lines += 1
+        advance(1)  # the bar counts lines read
+        if bad_lines <= max_reported:
+            message = f"finopsd: skipped {bad}"
+        elif bad_lines == max_reported + 1:
+            message = f"finopsd: more bad lines skipped; only the first {max_reported} are shown"
+        else:
+            return
+        if bar is None:
+            print(message, file=sys.stderr)
+        else:
+            from rich.text import Text
+
+            bar[0].console.print(Text(message))
+
+    def publish() -> rp.ReplayStats:
+        return rp.publish(
+            bootstrap,
+            topic,
+            items,
+            speed=args.speed,
+            limit=args.limit,
+            producer_config=_producer_auth(settings, args),
+            on_progress=advance,
+            on_bad_line=on_bad_line,
+            max_reported=max_reported,
+        )
+
+    try:
+        if args.json or not sys.stderr.isatty():
+            stats = publish()
+        else:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+            total = rp.count_lines(path) - (args.format == "azure")
+            if args.limit is not None:
+                total = min(total, args.limit)
+            with Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            ) as progress:
+                bar = (
+                    progress,
+                    progress.add_task(f"replaying {path.name} to {topic}", total=total),
+                )
+                stats = publish()
+    except KafkaError as exc:
+        print(f"finopsd: Kafka at {bootstrap}: {exc}", file=sys.stderr)
+        return 1
+    summary = {**run, **stats.as_dict()}
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    pace = f"paced at {args.speed:g}x" if args.speed else "unpaced"
+    print(
+        f"replayed {stats.sent:,} events from {path} to {topic} on {bootstrap} in "
+        f"{stats.seconds:.1f}s ({summary['events_per_second'] or 0:,}/s, {pace}; the trace "
+        f"spans {stats.trace_seconds:,.1f}s); {stats.skipped:,} bad lines skipped"
+    )
+    if stats.sent:
+        print(
+            f"ts {summary['first_ts']} .. {summary['last_ts']}; tokens {stats.input_tokens:,} "
+            f"in, {stats.output_tokens:,} out"
+        )
+    if plan is not None:
+        print(
+            f"run id {plan.run_id}: --run-id {plan.run_id} --start {run['start']} sends the "
+            "same events again (finopsd stores them once)"
+        )
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.action == "show" or args.json:
@@ -176,6 +309,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from finopsd.pricing import spend_summary
     from finopsd.store import Store, StoreError
 
     settings = _settings(args)
@@ -183,18 +317,115 @@ def cmd_stats(args: argparse.Namespace) -> int:
         with Store(settings.store.path, read_only=True) as store:
             counts = store.counts()
             offsets = store.stored_offsets()
+            spend = spend_summary(store.cursor(), settings.pricing.disagreement_tolerance)
     except StoreError as exc:
         msg = str(exc)
         if "lock" in msg.lower():
             msg = f"the store {settings.store.path} is held by a running finopsd"
         print(f"finopsd: {msg}", file=sys.stderr)
         return 1
-    out = {**counts, "offsets": {f"{t}[{p}]": o for (t, p), o in sorted(offsets.items())}}
+    out = {
+        **counts,
+        "offsets": {f"{t}[{p}]": o for (t, p), o in sorted(offsets.items())},
+        "spend": spend,
+    }
     if args.json:
         print(json.dumps(out))
     else:
         for key, value in out.items():
             print(f"{key}: {value}")
+    return 0
+
+
+def cmd_export_focus(args: argparse.Namespace) -> int:
+    """``export focus``: write a FOCUS 1.2 file of [--from, --to); see ``finopsd.reports.focus``."""
+    from finopsd.reports import focus
+    from finopsd.store import Store, StoreError
+
+    settings = _settings(args)
+    start, end = args.start, args.end
+    if end <= start:
+        print(
+            f"finopsd: --to ({focus.format_instant(end)}) must be after --from "
+            f"({focus.format_instant(start)})",
+            file=sys.stderr,
+        )
+        return 2
+    to_stdout = args.output == "-"
+    if to_stdout and args.format != "csv":
+        print("finopsd: --output -: only --format csv can go to stdout", file=sys.stderr)
+        return 2
+    output = args.output or focus.default_output_name(start, end, args.format)
+    path = settings.store.path
+    if not Path(path).exists():
+        print(f"finopsd: no store at {path}", file=sys.stderr)
+        return 1
+    try:
+        with Store(path, read_only=True) as store:
+            if store.schema_version() < 2:  # no cost columns yet
+                print(
+                    f"finopsd: the store {path} predates pricing (schema version "
+                    f"{store.schema_version()}); start the daemon once to migrate it",
+                    file=sys.stderr,
+                )
+                return 1
+            table = focus.focus_table(store, start, end, billing_account=args.billing_account)
+            summary = focus.skipped_events(store, start, end)
+    except StoreError as exc:
+        msg = str(exc)
+        if "lock" in msg.lower():
+            msg = (
+                f"the store {path} is held by a running finopsd; stop it first "
+                "(DuckDB lets no other process open the file meanwhile)"
+            )
+        print(f"finopsd: {msg}", file=sys.stderr)
+        return 1
+    try:
+        if to_stdout:
+            focus.write_csv_stdout(table)
+        elif args.format == "csv":
+            focus.write_csv(table, output)
+        else:
+            focus.write_parquet(table, output)
+    except OSError as exc:
+        print(f"finopsd: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    billed = focus.column_total(table, "BilledCost")
+    out = {
+        "output": output,
+        "format": args.format,
+        "focus_version": focus.FOCUS_VERSION,
+        "from": focus.format_instant(start),
+        "to": focus.format_instant(end),
+        "rows": table.num_rows,
+        "billed_cost_usd": billed,
+        "list_cost_usd": focus.column_total(table, "ListCost"),
+        **summary.as_dict(),
+    }
+    if args.json:
+        print(json.dumps(out), file=sys.stderr if to_stdout else sys.stdout)
+        return 0
+    where = "stdout" if to_stdout else output
+    lines = [
+        f"wrote {table.num_rows:,} FOCUS {focus.FOCUS_VERSION} rows to {where} for "
+        f"{out['from']} .. {out['to']}: billed {billed:,.4f} USD (list "
+        f"{out['list_cost_usd']:,.4f}) from {summary.exported_events:,} priced events and "
+        f"{summary.idle_hours:,} idle deployment-hours ({summary.idle_cost_usd:,.4f} USD)"
+    ]
+    if summary.unpriced_events:
+        models = ", ".join(f"{m} ({n:,})" for m, n in summary.unpriced_models.items())
+        lines.append(
+            f"left out {summary.unpriced_events:,} unpriced events: {models}; add prices "
+            "with [[pricing.prices]] or [[pricing.deployments]]"
+        )
+    if summary.unsettled_events:
+        deps = ", ".join(f"{d} ({n:,})" for d, n in summary.unsettled_deployments.items())
+        lines.append(
+            f"left out {summary.unsettled_events:,} self-hosted events whose hour is not "
+            f"settled yet: {deps}"
+        )
+    for line in lines:
+        print(f"finopsd: {line}", file=sys.stderr)
     return 0
 
 
@@ -249,6 +480,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON summary, no progress bar")
     p.set_defaults(func=cmd_produce)
 
+    from finopsd.ingest import replay as replay_args
+
+    p = sub.add_parser(
+        "replay",
+        parents=[common],
+        help="publish a real trace file (Azure, Mooncake, native NDJSON) as usage events",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Publish a trace to Kafka as native usage events (one JSON object per message,
+keyed by event_id), keeping the trace's inter-arrival gaps.
+
+formats:
+  azure     Azure LLM inference trace 2023 CSV: TIMESTAMP, ContextTokens,
+            GeneratedTokens -> input and output tokens
+  mooncake  Mooncake trace JSONL: timestamp (ms), input_length, output_length,
+            hash_ids (512-token block hashes) -> prefix_hashes; prompt_hash
+            is a hash of the whole hash_ids list
+  native    NDJSON usage events, each validated and sent as it is (its own
+            event_id, ts, tenant and model; the flags marked * do not apply)
+
+Event ts = --start + (the request's trace time - the file's first trace time).
+Tenants and models are drawn per line, uniformly, from a hash of (--seed,
+line number): the same seed assigns the same, whatever --limit.
+event_id = replay-RUNID-FILETAG-LINE (FILETAG: a hash of the file's name), so
+replaying a file again with the same --run-id (and, beyond
+ingest.dedup_window_hours, the same --start) is stored once by finopsd, and
+another run id adds new events.
+
+A bad line is reported as FILE:LINE and skipped; a missing file or one that is
+not in --format exits 2.""",
+        epilog="example (an hour of the Azure coding trace in a minute):\n"
+        "  finopsd replay azure_llm_2023_code.csv --format azure --speed 60 \\\n"
+        "      --tenants acme,globex --models openai/gpt-4o,openai/gpt-4o-mini",
+    )
+    p.add_argument("file", metavar="FILE", help="the trace file")
+    p.add_argument(
+        "--format", required=True, choices=["azure", "mooncake", "native"], help="its format"
+    )
+    p.add_argument(
+        "--speed",
+        type=replay_args.speed_arg,
+        metavar="X",
+        help="time compression: wait the trace's gaps divided by X (60: an hour in a "
+        "minute); default: no pacing, as fast as the broker takes them",
+    )
+    p.add_argument(
+        "--tenants",
+        type=replay_args.tenants_arg,
+        metavar="A,B,...",
+        help="* tenants to assign (default: "
+        + ",".join(replay_args.DEFAULT_TENANTS).replace("%", "%%")
+        + ")",
+    )
+    p.add_argument(
+        "--models",
+        type=replay_args.models_arg,
+        metavar="PROVIDER/MODEL,...",
+        help="* models to assign; split at the first / (default: "
+        + ",".join(f"{p}/{m}" for p, m in replay_args.DEFAULT_MODELS).replace("%", "%%")
+        + ")",
+    )
+    p.add_argument("--seed", type=int, help="* seed of the tenant and model draw (default 0)")
+    p.add_argument(
+        "--run-id",
+        type=replay_args.run_id_arg,
+        metavar="ID",
+        help="* part of every event_id (default: random, printed in the summary)",
+    )
+    p.add_argument(
+        "--start",
+        type=replay_args.start_arg,
+        metavar="ISO-8601",
+        help="* ts of the trace's first request (default: now; no offset means UTC)",
+    )
+    p.add_argument("--limit", type=replay_args.limit_arg, metavar="N", help="send at most N events")
+    p.add_argument("--topic", help="topic (default: kafka.usage_topic)")
+    p.add_argument("--bootstrap", metavar="HOST:PORT", help="broker (default: from config)")
+    p.add_argument(
+        "--json", action="store_true", help="print a JSON summary on stdout, no progress bar"
+    )
+    p.set_defaults(func=cmd_replay)
+
     p = sub.add_parser(
         "broker",
         parents=[common],
@@ -277,7 +590,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser(
+        "export",
+        help="export cost and usage data (FOCUS 1.2)",
+        description="Export what the store knows in a standard format.",
+    )
+    export = p.add_subparsers(dest="export_format", required=True, metavar="KIND")
+    p = export.add_parser(
+        "focus",
+        parents=[common],
+        help="FOCUS 1.2 cost and usage file (CSV or Parquet) of a period",
+        description="Write the priced usage of [--from, --to) as a FOCUS 1.2 cost and usage "
+        "dataset: one row per UTC hour, tenant, team/app/feature, provider, model, price and "
+        "meter (input, cached-input, cache-write, output tokens), plus the idle GPU-hours of "
+        "self-hosted deployments. Unpriced events are left out and counted. Reads the store "
+        "directly: stop the daemon first.",
+    )
+    p.add_argument(
+        "--from",
+        dest="start",
+        required=True,
+        type=_period_bound,
+        metavar="DATE",
+        help="first hour, inclusive: YYYY-MM-DD or an ISO 8601 date-time on a whole hour "
+        "(no offset means UTC)",
+    )
+    p.add_argument(
+        "--to", dest="end", required=True, type=_period_bound, metavar="DATE", help="end, exclusive"
+    )
+    p.add_argument("--format", required=True, choices=["csv", "parquet"], help="file format")
+    p.add_argument(
+        "-o",
+        "--output",
+        metavar="PATH",
+        help="file to write (default: focus_<from>_<to>.<format> here); - is stdout (csv only)",
+    )
+    p.add_argument(
+        "--billing-account",
+        default="default",
+        metavar="NAME",
+        help="BillingAccountId and BillingAccountName of every row (default: default)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the summary as JSON (stderr when -o -)"
+    )
+    p.set_defaults(func=cmd_export_focus)
     return parser
+
+
+def _period_bound(text: str) -> Any:
+    from finopsd.reports.focus import PeriodError, parse_bound
+
+    try:
+        return parse_bound(text)
+    except PeriodError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _share(text: str) -> float:

@@ -12,13 +12,24 @@ environment variable) and says what is wrong; it never shows a traceback.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import tomllib
 from collections.abc import Mapping
+from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "FINOPSD_"
 DEFAULT_CONFIG = Path("config.toml")
@@ -97,12 +108,39 @@ class EmbeddedBrokerSettings(_Section):
     log_file: Path | None = None
 
 
+def _known_format(name: str) -> str:
+    """A name from the input-format registry (``finopsd.ingest.formats.FORMATS``)."""
+    from finopsd.ingest.formats import UnknownFormatError, check_format
+
+    try:
+        return check_format(name)
+    except UnknownFormatError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class IngestSettings(_Section):
     batch_max_events: int = Field(50_000, ge=1)
     batch_max_age_ms: int = Field(1_000, ge=1)
     max_record_bytes: int = Field(1 << 20, ge=256)
     queue_chunks: int = Field(8, ge=1, le=1024)
     dedup_window_hours: float = Field(1, ge=0)
+    formats: dict[str, Annotated[str, AfterValidator(_known_format)]] = Field(
+        {},
+        description="topic -> input format of its usage events; unlisted topics are native",
+    )
+
+    @field_validator("formats", mode="before")
+    @classmethod
+    def _formats_from_json(cls, value: Any) -> Any:
+        """The environment gives a string: FINOPSD_INGEST__FORMATS='{"topic": "otlp_json"}'."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError(
+                    'expected a JSON object, e.g. {"otlp_spans": "otlp_json"}'
+                ) from None
+        return value
 
 
 class StoreSettings(_Section):
@@ -118,11 +156,65 @@ class LogSettings(_Section):
     format: Literal["text", "json"] = "text"
 
 
+class PriceEntry(_Section):
+    """One list price, as ``[[pricing.prices]]``; replaces the catalog's entry for the same
+    provider, model and date."""
+
+    provider: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    effective_from: date
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+    cached_input_per_mtok: float | None = Field(None, ge=0)
+    cache_write_per_mtok: float | None = Field(None, ge=0)
+    batch_discount: float = Field(0.0, ge=0, le=1)
+    currency: Literal["USD"] = "USD"
+
+
+class DeploymentEntry(_Section):
+    """A self-hosted deployment, as ``[[pricing.deployments]]``."""
+
+    name: str = Field(min_length=1, description="what usage events carry as `deployment`")
+    gpu_type: str = Field(min_length=1)
+    gpus: int = Field(ge=1, le=100_000)
+    gpu_hour_usd: float | None = Field(None, ge=0, description="overrides pricing.gpu_hour_usd")
+
+
+class PricingSettings(_Section):
+    catalog: Path | None = Field(None, description="a prices CSV replacing the shipped catalog")
+    prices: list[PriceEntry] = []
+    gpu_hour_usd: dict[str, float] = {}
+    deployments: list[DeploymentEntry] = []
+    disagreement_tolerance: float = Field(0.01, ge=0, le=1)
+    settle_interval_s: float = Field(300, ge=1)
+    settle_lookback_hours: float = Field(48, gt=0, le=24 * 90)
+
+    @model_validator(mode="after")
+    def _deployments(self) -> PricingSettings:
+        for rate_type, rate in self.gpu_hour_usd.items():
+            if not rate >= 0:
+                raise ValueError(f"gpu_hour_usd.{rate_type} must be >= 0")
+        names = [d.name for d in self.deployments]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"deployment {name!r} is listed more than once")
+        for i, d in enumerate(self.deployments):
+            if d.gpu_hour_usd is None and d.gpu_type not in self.gpu_hour_usd:
+                known = ", ".join(sorted(self.gpu_hour_usd)) or "none"
+                raise ValueError(
+                    f"deployments[{i}] ({d.name}): no price for GPU type {d.gpu_type!r}; set "
+                    f"pricing.gpu_hour_usd.{d.gpu_type} or pricing.deployments[{i}].gpu_hour_usd"
+                    f" (priced types: {known})"
+                )
+        return self
+
+
 class Settings(_Section):
     kafka: KafkaSettings = KafkaSettings()
     embedded_broker: EmbeddedBrokerSettings = EmbeddedBrokerSettings()
     ingest: IngestSettings = IngestSettings()
     store: StoreSettings = StoreSettings()
+    pricing: PricingSettings = PricingSettings()
     log: LogSettings = LogSettings()
 
     def redacted(self) -> dict[str, Any]:
@@ -212,7 +304,28 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
         raise ConfigError(
             prefix + _format(exc, data, origin).replace("\n", "\n" + prefix)
         ) from None
-    return _resolve_paths(settings, base)
+    settings = _resolve_paths(settings, base)
+    _check_format_topics(settings, f"{path}: " if path is not None else "")
+    from finopsd.pricing import PriceBook, PricingError
+
+    try:
+        PriceBook.from_settings(settings.pricing)
+    except PricingError as exc:
+        prefix = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{prefix}pricing: {exc}") from None
+    return settings
+
+
+def _check_format_topics(settings: Settings, prefix: str) -> None:
+    """A topic in ingest.formats carries usage events: not the GPU or dead-letter topic."""
+    k = settings.kafka
+    for topic in settings.ingest.formats:
+        if topic in (k.gpu_topic, k.dead_letter_topic):
+            which = "gpu_topic" if topic == k.gpu_topic else "dead_letter_topic"
+            raise ConfigError(
+                f"{prefix}ingest.formats.{topic}: {topic!r} is kafka.{which}; ingest.formats "
+                "lists topics of usage events"
+            )
 
 
 def _resolve_paths(settings: Settings, base: Path) -> Settings:
@@ -229,4 +342,7 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             "ssl_cafile": resolve(settings.kafka.ssl_cafile),
         }
     )
-    return settings.model_copy(update={"store": store, "embedded_broker": broker, "kafka": kafka})
+    pricing = settings.pricing.model_copy(update={"catalog": resolve(settings.pricing.catalog)})
+    return settings.model_copy(
+        update={"store": store, "embedded_broker": broker, "kafka": kafka, "pricing": pricing}
+    )

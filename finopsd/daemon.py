@@ -11,7 +11,7 @@ import logging
 import signal
 import threading
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import Any
 
@@ -21,7 +21,9 @@ from finopsd.config import Settings
 from finopsd.events import GpuSample, UsageEvent
 from finopsd.ingest.broker import EmbeddedBroker, ensure_topics
 from finopsd.ingest.decode import BatchDecoder
+from finopsd.ingest.formats import NATIVE, make_decoder
 from finopsd.ingest.pipeline import DeadLetterSink, Ingestor, IngestStats, IngestWorker, Route
+from finopsd.pricing import PriceBook, settle_self_hosted
 from finopsd.store import Store
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,46 @@ def consumer_config(settings: Settings, bootstrap: str) -> dict[str, Any]:
         "max_partition_fetch_bytes": k.max_partition_fetch_bytes,
         "receive_buffer_bytes": 4 << 20,
     }
+
+
+class SelfHostedSettler(threading.Thread):
+    """Prices self-hosted deployments' completed hours every ``pricing.settle_interval_s``.
+
+    Runs only when deployments are configured; once more at stop, so a clean
+    shutdown leaves every completed hour priced. A failure is logged and
+    retried at the next interval; ingest goes on.
+    """
+
+    def __init__(
+        self, store: Store, prices: PriceBook, settings: Any, stop: threading.Event
+    ) -> None:
+        super().__init__(name="settle-self-hosted", daemon=True)
+        self.store = store
+        self.deployments = list(prices.deployments.values())
+        self.interval_s = settings.settle_interval_s
+        self.lookback = timedelta(hours=settings.settle_lookback_hours)
+        self._stop_event = stop
+
+    def settle(self) -> int:
+        until = datetime.now(UTC)
+        return self.store.write(
+            lambda con: settle_self_hosted(
+                con, self.deployments, until=until, lookback=self.lookback
+            )
+        )
+
+    def run(self) -> None:
+        if not self.deployments:
+            return
+        while True:
+            stopping = self._stop_event.wait(self.interval_s)
+            try:
+                hours = self.settle()
+                log.debug("settled %d self-hosted deployment-hour(s)", hours)
+            except Exception as exc:  # logged, retried next time; ingest is unaffected
+                log.error("could not price self-hosted deployments: %s", exc)
+            if stopping:
+                return
 
 
 class Daemon:
@@ -90,6 +132,8 @@ class Daemon:
         ):
             self.bootstrap = bootstrap
             topics = [s.kafka.usage_topic, s.kafka.gpu_topic]
+            # topics in ingest.formats carry usage events too, in the format named there
+            topics += [t for t in s.ingest.formats if t not in topics]
             if s.kafka.embedded:
                 ensure_topics(
                     bootstrap,
@@ -100,13 +144,18 @@ class Daemon:
             window = timedelta(hours=s.ingest.dedup_window_hours)
             max_bytes = s.ingest.max_record_bytes
             routes = {
-                s.kafka.usage_topic: Route(
-                    BatchDecoder(UsageEvent, max_record_bytes=max_bytes), window
-                ),
-                s.kafka.gpu_topic: Route(
-                    BatchDecoder(GpuSample, max_record_bytes=max_bytes), window
-                ),
+                topic: Route(
+                    make_decoder(
+                        s.ingest.formats.get(topic, NATIVE), UsageEvent, max_record_bytes=max_bytes
+                    ),
+                    window,
+                )
+                for topic in topics
+                if topic != s.kafka.gpu_topic
             }
+            routes[s.kafka.gpu_topic] = Route(
+                BatchDecoder(GpuSample, max_record_bytes=max_bytes), window
+            )
             producer = KafkaProducer(
                 bootstrap_servers=bootstrap,
                 **s.kafka.client_config(),
@@ -118,6 +167,7 @@ class Daemon:
                 )
                 + (64 << 10),
             )
+            prices = PriceBook.from_settings(s.pricing)
             worker = IngestWorker(
                 store,
                 routes,
@@ -126,6 +176,7 @@ class Daemon:
                 batch_max_age_s=s.ingest.batch_max_age_ms / 1000,
                 queue_chunks=s.ingest.queue_chunks,
                 stats=self.stats,
+                prices=prices,
             )
             config = consumer_config(s, bootstrap)
             self._ingestor = Ingestor(
@@ -144,9 +195,13 @@ class Daemon:
                 s.store.path,
                 s.kafka.group_id,
             )
+            settler = SelfHostedSettler(store, prices, s.pricing, self._stop)
+            settler.start()
             try:
                 self._ingestor.run()
             finally:
+                self._stop.set()
+                settler.join()
                 producer.close(timeout=10)
             snap = self.stats.snapshot()
             log.info(

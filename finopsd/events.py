@@ -92,11 +92,21 @@ class UsageEvent(_Event):
     )
     latency_class: Literal["interactive", "batch"] = "interactive"
     quality_score: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
-    cost_usd: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
-        None, description="Cost as the gateway computed it, if it did"
+    gateway_cost_usd: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
+        None,
+        alias="cost_usd",
+        description="Cost as the gateway computed it, if it did; finopsd prices every event "
+        "itself and keeps this beside its own figure",
+    )
+    deployment: Text | None = Field(
+        None, description="The self-hosted deployment that served the request, if any"
+    )
+    billing_mode: Literal["standard", "batch"] = Field(
+        "standard",
+        description="batch: sent through the provider's batch API and billed at its discount",
     )
 
-    @field_validator("status", "latency_class", mode="before")
+    @field_validator("status", "latency_class", "billing_mode", mode="before")
     @classmethod
     def _null_means_default(cls, value: Any, info: ValidationInfo) -> Any:
         """A JSON null for a field with a default means the default."""

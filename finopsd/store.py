@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MIGRATIONS: list[tuple[str, str]] = [
     (
@@ -87,9 +90,72 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "prices: cost columns on usage events, self-hosted deployment hours",
+        """
+        CREATE TABLE usage_events_v1 AS SELECT * FROM usage_events;
+        DROP TABLE usage_events;
+        CREATE TABLE usage_events (
+            event_id VARCHAR NOT NULL,
+            ts TIMESTAMPTZ NOT NULL,
+            provider VARCHAR,
+            request_model VARCHAR NOT NULL,
+            response_model VARCHAR,
+            input_tokens BIGINT NOT NULL,
+            output_tokens BIGINT NOT NULL,
+            cache_read_input_tokens BIGINT,
+            cache_creation_input_tokens BIGINT,
+            reasoning_output_tokens BIGINT,
+            tenant VARCHAR,
+            team VARCHAR,
+            app VARCHAR,
+            feature VARCHAR,
+            latency_ms DOUBLE,
+            ttft_ms DOUBLE,
+            status VARCHAR NOT NULL,
+            prompt_hash VARCHAR,
+            prefix_hashes BIGINT[],
+            latency_class VARCHAR NOT NULL,
+            quality_score DOUBLE,
+            gateway_cost_usd DOUBLE,
+            deployment VARCHAR,
+            billing_mode VARCHAR NOT NULL DEFAULT 'standard',
+            input_cost_usd DOUBLE,
+            cached_input_cost_usd DOUBLE,
+            cache_write_cost_usd DOUBLE,
+            output_cost_usd DOUBLE,
+            list_cost_usd DOUBLE,
+            discount_rate DOUBLE,
+            cost_usd DOUBLE,
+            price_source VARCHAR,
+            price_id VARCHAR,
+            ingested_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+        );
+        INSERT INTO usage_events BY NAME
+        SELECT * EXCLUDE (cost_usd), cost_usd AS gateway_cost_usd FROM usage_events_v1;
+        DROP TABLE usage_events_v1;
+        CREATE TABLE deployment_hours (
+            deployment VARCHAR NOT NULL,
+            hour TIMESTAMPTZ NOT NULL,
+            gpu_type VARCHAR NOT NULL,
+            gpus INTEGER NOT NULL,
+            gpu_hour_usd DOUBLE NOT NULL,
+            cost_usd DOUBLE NOT NULL,
+            requests BIGINT NOT NULL,
+            tokens BIGINT NOT NULL,
+            settled_at TIMESTAMPTZ NOT NULL,
+            PRIMARY KEY (deployment, hour)
+        );
+        """,
+    ),
 ]
 """Schema migrations, applied in order; a migration's version is its position + 1.
-Never edit a released migration: append a new one."""
+Never edit a released migration: append a new one.
+
+DuckDB 1.5.5 cannot replay from its WAL an ``ALTER TABLE`` of a table that has a
+function default (``ingested_at DEFAULT current_timestamp``): the file no longer
+opens after a crash. Change such a table by rebuilding it (copy, drop, create,
+insert), never with ALTER; ``migrate`` also checkpoints after migrating."""
 
 
 class StoreError(RuntimeError):
@@ -187,6 +253,7 @@ class Store:
             "applied_at TIMESTAMPTZ NOT NULL, description VARCHAR NOT NULL)"
         )
         current = self._check_version()
+        migrated = False
         for version, (description, sql) in enumerate(MIGRATIONS, start=1):
             if version <= current:
                 continue
@@ -202,6 +269,9 @@ class Store:
                 con.execute("ROLLBACK")
                 raise
             log.info("store %s migrated to version %d: %s", self.path, version, description)
+            migrated = True
+        if migrated:
+            con.execute("CHECKPOINT")  # schema changes out of the WAL (see MIGRATIONS)
         return len(MIGRATIONS)
 
     # -- writes -------------------------------------------------------------------
@@ -263,6 +333,19 @@ class Store:
         # on failure the caller's ROLLBACK drops the view with everything else
         con.execute("DROP VIEW batch_rows")
         return int(result[0]) if result else 0
+
+    def write(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """Run ``work(connection)`` in one transaction, serialised with ``append``."""
+        with self._write_lock:
+            con = self._con.cursor()
+            con.execute("BEGIN")
+            try:
+                result = work(con)
+                con.execute("COMMIT")
+            except Exception:
+                con.execute("ROLLBACK")
+                raise
+        return result
 
     # -- reads --------------------------------------------------------------------
 

@@ -68,7 +68,9 @@ def test_repo_config_documents_every_setting() -> None:
     assert set(by_section) == set(sections)
     for section, model in sections.items():
         for key in model.model_fields:
-            pattern = rf"^#?\s*{re.escape(key)}\s*=" if key != "sasl_password" else key
+            pattern = rf"^#?\s*({re.escape(key)}\s*=|\[\[{section}\.{re.escape(key)}\]\])"
+            if key == "sasl_password":
+                pattern = key
             assert re.search(pattern, by_section[section], flags=re.MULTILINE), (
                 f"{section}.{key} is not documented in config.toml"
             )

@@ -24,6 +24,7 @@ from finopsd.events import MAX_TEXT, GpuSample, UsageEvent, _Event
 from finopsd.ingest import decode
 from finopsd.ingest.decode import REASONS, BatchDecoder, Reject, store_schema
 from finopsd.ingest.loadgen import UsageLoad
+from finopsd.pricing import COST_SCHEMA
 from finopsd.store import Store, table_columns
 
 START = datetime(2025, 3, 1, 9, 30, tzinfo=UTC)
@@ -668,7 +669,7 @@ def _nullable(model: type[_Event], name: str) -> bool:
 
 @pytest.mark.parametrize("model", [UsageEvent, GpuSample], ids=lambda m: m.table)
 def test_store_schema_matches_store_table(model: type[_Event], tmp_path: Path) -> None:
-    """store_schema's columns, order, types and nullability equal the migrated table's."""
+    """store_schema's columns, types and nullability equal the migrated table's (plus costs)."""
     with Store(tmp_path / "s.duckdb") as store:
         columns = dict(table_columns(store, model.table))
         nullable = dict(
@@ -681,8 +682,12 @@ def test_store_schema_matches_store_table(model: type[_Event], tmp_path: Path) -
             .fetchall()
         )
     assert columns.pop("ingested_at") == "TIMESTAMP WITH TIME ZONE"
+    if model is UsageEvent:  # priced at ingest: the columns pricing adds follow the model's
+        for cost in COST_SCHEMA:
+            assert columns.pop(cost.name) == _DUCKDB_TYPES[str(cost.type)], cost.name
+            assert nullable[cost.name], cost.name
     schema = decode.store_schema(model)
-    assert list(columns) == schema.names
+    assert sorted(columns) == sorted(schema.names)
     assert {f.name: _DUCKDB_TYPES[str(f.type)] for f in schema} == columns
     for name in schema.names:
         assert nullable[name] == _nullable(model, name), name

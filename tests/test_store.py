@@ -430,3 +430,53 @@ def test_second_process_cannot_open_held_store(tmp_path: Path) -> None:
     )
     assert free.returncode == 0, free.stdout + free.stderr
     assert "opened" in free.stdout
+
+
+_V1_THEN_CRASH = """
+import os, sys
+import duckdb
+from finopsd.store import MIGRATIONS, Store
+path = sys.argv[1]
+con = duckdb.connect(path)
+con.execute(
+    "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, "
+    "applied_at TIMESTAMPTZ NOT NULL, description VARCHAR NOT NULL)"
+)
+con.execute(MIGRATIONS[0][1])
+con.execute("INSERT INTO schema_version VALUES (1, now(), 'v1')")
+con.execute(
+    "INSERT INTO usage_events (event_id, ts, request_model, input_tokens, output_tokens, "
+    "status, latency_class, cost_usd) VALUES ('old', now(), 'm', 1, 2, 'ok', 'interactive', 0.5)"
+)
+con.close()
+store = Store(path)  # migrates to the current version
+store.cursor().execute(
+    "INSERT INTO usage_events (event_id, ts, request_model, input_tokens, output_tokens, "
+    "status, latency_class) VALUES ('new', now(), 'm', 1, 2, 'ok', 'interactive')"
+)
+os._exit(0)  # no clean close: what follows the migration is only in the WAL
+"""
+
+
+def test_upgrade_from_version_1_survives_a_crash(tmp_path: Path) -> None:
+    """A version-1 store with rows migrates (the gateway's cost_usd becomes gateway_cost_usd);
+    a process killed right after still leaves a store that opens, with every committed row."""
+    path = tmp_path / "v1.duckdb"
+    done = subprocess.run(
+        [sys.executable, "-c", _V1_THEN_CRASH, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    with Store(path) as store:
+        assert store.schema_version() == len(MIGRATIONS)
+        rows = (
+            store.cursor()
+            .execute(
+                "SELECT event_id, gateway_cost_usd, billing_mode, cost_usd FROM usage_events "
+                "ORDER BY event_id"
+            )
+            .fetchall()
+        )
+    assert rows == [("new", None, "standard", None), ("old", 0.5, "standard", None)]

@@ -47,6 +47,7 @@ REASONS = (
     "missing_field",
     "wrong_type",
     "invalid_value",
+    "no_usage",  # a model call that reports no token counts and no text to count them from
 )
 """Dead-letter reason codes, one counter each."""
 

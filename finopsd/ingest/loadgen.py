@@ -96,6 +96,13 @@ APPS = [
     ),
 ]
 
+SELF_HOSTED_DEPLOYMENT = "llama-8b"
+"""The deployment the generated vLLM traffic names (price it with [[pricing.deployments]])."""
+
+BATCH_API_APPS = frozenset({"nightly-digest"})
+"""Apps whose generated traffic goes through the providers' batch APIs (the other batch-class
+app, ticket-triage, does not: latency-tolerant traffic billed at the synchronous price)."""
+
 INVALID_KINDS = ("malformed_json", "wrong_type", "missing_field", "negative_tokens", "not_object")
 
 
@@ -222,8 +229,12 @@ class UsageLoad:
             "prefix_hashes": blocks,
             "latency_class": app.latency_class,
         }
-        if provider != "vllm":
+        if provider == "vllm":
+            event["deployment"] = SELF_HOSTED_DEPLOYMENT
+        else:
             event["gen_ai.usage.cache_read.input_tokens"] = 0
+        if app.name in BATCH_API_APPS:
+            event["billing_mode"] = "batch"
         return event
 
     def _invalid(self, i: int) -> tuple[bytes, bytes]:

@@ -37,8 +37,10 @@ from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from finopsd.events import _Event
-from finopsd.ingest.decode import BatchDecoder, Reject
+from finopsd.events import UsageEvent, _Event
+from finopsd.ingest.decode import Reject
+from finopsd.ingest.formats import Decoder
+from finopsd.pricing import PriceBook, PricingStats
 from finopsd.store import DeadLetterRow, Store, StoreBatch
 
 log = logging.getLogger(__name__)
@@ -81,6 +83,8 @@ class IngestStats:
     batches: int = 0
     records: int = 0
     backpressure_s: float = 0.0  # time polling waited for the worker
+    unpriced: Counter[str] = field(default_factory=Counter)  # "provider/model" -> events
+    cost_disagreements: int = 0  # events where the gateway's cost and ours disagree
     last_batch_at: float | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -100,6 +104,11 @@ class IngestStats:
             self.dead_letters.update(dead_letters)
             self.last_batch_at = time.time()
 
+    def add_pricing(self, pricing: PricingStats) -> None:
+        with self._lock:
+            self.unpriced.update(pricing.unpriced)
+            self.cost_disagreements += pricing.disagreements
+
     def add_backpressure(self, seconds: float) -> None:
         with self._lock:
             self.backpressure_s += seconds
@@ -114,6 +123,8 @@ class IngestStats:
                 "dead_letters": dict(self.dead_letters),
                 "last_batch_at": self.last_batch_at,
                 "backpressure_s": round(self.backpressure_s, 3),
+                "unpriced": dict(self.unpriced),
+                "cost_disagreements": self.cost_disagreements,
             }
 
 
@@ -121,7 +132,7 @@ class IngestStats:
 class Route:
     """How records of one topic are decoded and stored."""
 
-    decoder: BatchDecoder
+    decoder: Decoder
     dedup_window: timedelta
 
     @property
@@ -167,8 +178,10 @@ class IngestWorker:
         batch_max_age_s: float,
         queue_chunks: int = 8,
         stats: IngestStats | None = None,
+        prices: PriceBook | None = None,
     ) -> None:
         self.store = store
+        self.prices = prices
         self.routes = dict(routes)
         self.dead_letters = dead_letters
         self.batch_max_events = batch_max_events
@@ -302,6 +315,9 @@ class IngestWorker:
             route = self.routes[topic]
             values = pa.concat_arrays(batch.values[topic])
             rows, rejects = route.decoder.decode(values)
+            if rows.num_rows and self.prices is not None and route.model is UsageEvent:
+                rows, pricing = self.prices.price(rows)
+                self.stats.add_pricing(pricing)
             if rows.num_rows:
                 batch.frames.setdefault(route.model.table, []).append(rows)
             if rejects:
@@ -332,8 +348,9 @@ class IngestWorker:
     def _store(self, batch: _Batch) -> None:
         out = StoreBatch(offsets=batch.offsets)
         received: Counter[str] = Counter()
-        for route in self.routes.values():
-            table = route.model.table
+        # several topics may feed one table (formats): one entry per table
+        tables = {route.model.table: route for route in self.routes.values()}
+        for table, route in tables.items():
             frames = batch.frames.get(table)
             if not frames:
                 continue
