@@ -1,0 +1,181 @@
+"""Runs analyzers and keeps their findings: one row per finding id, updated, never repeated.
+
+``run_analyzers(store, ...)`` runs each enabled analyzer on the window, in
+turn; an analyzer that fails is reported and the others still run. Its
+findings are upserted by id in one transaction (first_seen kept, last_seen and
+times_seen advanced); a finding of that analyzer not found again is marked
+``resolved``. Every run is recorded in ``analyzer_runs``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import pkgutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import duckdb
+from pydantic import ValidationError
+
+from finopsd.analyzers.base import ANALYZERS, Analyzer, Context, Finding, Options, Window
+from finopsd.pricing import PriceBook
+from finopsd.store import Store
+
+log = logging.getLogger(__name__)
+
+_INTERNAL = {"base", "runner"}
+
+
+def discover() -> dict[str, type[Analyzer]]:
+    """Import every analyzer module of this package; the registry by name."""
+    import finopsd.analyzers as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name not in _INTERNAL and not module.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{module.name}")
+    return dict(sorted(ANALYZERS.items()))
+
+
+def build(
+    options: Mapping[str, Mapping[str, Any]], only: Sequence[str] | None = None
+) -> list[Analyzer]:
+    """Analyzer instances from ``[analyzers.<name>]`` options; ``only`` limits them by name.
+
+    Raises ``ValueError`` naming the unknown analyzer or the bad option key.
+    """
+    known = discover()
+    for name in [*options, *(only or [])]:
+        if name not in known:
+            raise ValueError(f"unknown analyzer {name!r}; valid: {', '.join(known)}")
+    out = []
+    for name, cls in known.items():
+        try:
+            opts: Options = cls.Options.model_validate(dict(options.get(name, {})))
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ValueError(f"analyzers.{name}.{where}: {first['msg']}") from None
+        if only is not None and name not in only:
+            continue
+        if only is None and not opts.enabled:
+            continue
+        out.append(cls(opts))
+    return sorted(out, key=lambda a: (a.order, a.name))
+
+
+@dataclass
+class AnalyzerRun:
+    """What one analyzer's run produced."""
+
+    name: str
+    seconds: float
+    findings: list[Finding] = field(default_factory=list)
+    error: str | None = None
+
+
+def run_analyzers(
+    store: Store,
+    prices: PriceBook,
+    analyzers: Sequence[Analyzer],
+    *,
+    window_days: float = 30.0,
+    now: datetime | None = None,
+) -> list[AnalyzerRun]:
+    """Run ``analyzers`` over the last ``window_days`` before ``now`` and store their findings."""
+    now = (now or datetime.now(UTC)).astimezone(UTC)
+    window = Window(now - timedelta(days=window_days), now)
+    runs = []
+    if not any(a.name == "spend" for a in analyzers):
+        from finopsd.analyzers.spend import refresh
+
+        store.write(refresh)  # the rollups every other analyzer reads
+    for analyzer in analyzers:
+        started = time.perf_counter()
+        ctx = Context(store.cursor(), window, now, prices, store.write)
+        try:
+            findings = analyzer.run(ctx)
+            error = None
+        except Exception as exc:  # one analyzer's failure never stops the others
+            log.error("analyzer %s failed: %s", analyzer.name, exc, exc_info=log.isEnabledFor(10))
+            findings, error = [], f"{type(exc).__name__}: {exc}"
+        seconds = time.perf_counter() - started
+        run = AnalyzerRun(analyzer.name, seconds, findings, error)
+        store.write(lambda con, run=run: _record(con, run, window, now))
+        runs.append(run)
+    return runs
+
+
+def _record(
+    con: duckdb.DuckDBPyConnection, run: AnalyzerRun, window: Window, now: datetime
+) -> None:
+    con.execute(
+        "INSERT INTO analyzer_runs VALUES (?, ?, ?, ?, ?)",
+        [run.name, now, run.seconds, len(run.findings), run.error],
+    )
+    if run.error is not None:
+        return  # a failed run says nothing about whether earlier findings still hold
+    unique = {f.id: f for f in run.findings}  # one row per id, the last one found wins
+    for f in unique.values():
+        evidence = {**f.evidence, "window": window.as_dict()}
+        con.execute(
+            """
+            INSERT INTO findings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 'open')
+            ON CONFLICT (id) DO UPDATE SET
+                title = excluded.title, evidence = excluded.evidence,
+                window_start = excluded.window_start, window_end = excluded.window_end,
+                monthly_savings_usd = excluded.monthly_savings_usd,
+                savings_method = excluded.savings_method, confidence = excluded.confidence,
+                risk = excluded.risk, action = excluded.action,
+                last_seen = excluded.last_seen, times_seen = findings.times_seen + 1,
+                status = 'open'
+            """,
+            [
+                f.id,
+                run.name,
+                f.kind,
+                json.dumps(f.scope, sort_keys=True),
+                f.title,
+                json.dumps(evidence, sort_keys=True, default=str),
+                window.start,
+                window.end,
+                float(f.monthly_savings_usd),
+                f.savings_method,
+                float(f.confidence),
+                f.risk,
+                json.dumps(f.action.as_dict()) if f.action else None,
+                now,
+                now,
+            ],
+        )
+    seen = [f.id for f in run.findings]
+    con.execute(
+        "UPDATE findings SET status = 'resolved' WHERE analyzer = ? AND status = 'open' "
+        "AND NOT list_contains(?, id)",
+        [run.name, seen],
+    )
+
+
+def stored_findings(
+    con: duckdb.DuckDBPyConnection, *, analyzer: str | None = None, status: str = "open"
+) -> list[dict[str, Any]]:
+    """Findings as dicts, the largest monthly saving first."""
+    sql = "SELECT * FROM findings WHERE status = ?"
+    params: list[Any] = [status]
+    if analyzer is not None:
+        sql += " AND analyzer = ?"
+        params.append(analyzer)
+    cur = con.execute(sql + " ORDER BY monthly_savings_usd DESC, id", params)
+    names = [d[0] for d in cur.description or []]
+    out = []
+    for row in cur.fetchall():
+        item = dict(zip(names, row, strict=True))
+        for key in ("scope", "evidence", "action"):
+            if isinstance(item[key], str):
+                item[key] = json.loads(item[key])
+        out.append(item)
+    return out
