@@ -1,0 +1,929 @@
+"""caching: what a response cache and a prompt-prefix cache would have saved.
+
+Two questions, both answered from per-request data (``prompt_hash``,
+``prefix_hashes``) that this analyzer folds, once, into its own tables:
+
+**Exact repeats** (``caching.response_repeats``, per tenant × app × feature).
+A request is a *repeat* when a request with the same cache key (tenant, app,
+feature, requested model, ``prompt_hash``) was answered successfully
+(``status = 'ok'``) at most ``response_ttl_s`` before it: a response cache with
+that TTL would have served it. (The previous *successful* request counts, so a
+burst of repeats keeps hitting as long as each comes within the TTL of the one
+before: the TTL is measured from the latest answer.) The saving is the full
+cost of the repeats: ``cost_usd`` for API requests; for a self-hosted
+deployment, the repeats' input + output tokens at that deployment-hour's cost
+per token (``deployment_hours``: self-hosted costs are only known once an hour
+is settled). Action: ``gateway.cache`` with ``mode = "response"``.
+
+**Prefix reuse** (``caching.prompt_prefix`` per API provider × model,
+``caching.vllm_prefix`` per self-hosted deployment). ``prefix_hashes`` are the
+hashes of a prompt's consecutive ``block_tokens``-token blocks. A block is a
+*hit* when it and every block before it in the same request were seen earlier
+(a prefix cache); its tokens are ``block_tokens``, the last block capped at
+the request's ``input_tokens`` (1,300 tokens in 3 blocks: 512 + 512 + 276),
+so a request's hit tokens are ``min(leading hit blocks × block_tokens,
+input_tokens)``. Caches are per provider × requested model, or per deployment
+when the request names one (KV caches are per model). "Earlier" means earlier
+in processing order: (ts, event_id) within a run, run after run (below). Two
+caches are simulated:
+
+- **unbounded**: every block ever seen stays (an upper bound);
+- **bounded LRU** of ``lru_capacity_blocks`` blocks per cache: every access
+  of a block (hit or miss, in request order, block by block) makes it the
+  most recent; a miss inserts it, evicting the least recent block when full.
+
+Evidence gives ``input_tokens``, ``prefix_hit_tokens_*`` and
+``prefix_hit_ratio_*`` (= hit tokens / input tokens) for both. The saving uses
+the LRU's hits that the request did not already get from a provider cache
+(``max(lru hit tokens - cache_read_input_tokens, 0)`` per request): for API
+models priced at (input - cached-input) price of the model's current price
+(batch-billed requests at the batch discount), i.e. what provider prompt
+caching would save (cache-write premiums are not deducted); for self-hosted
+deployments at the deployment-hour's cost per token times ``prefill_share``:
+a self-hosted token's cost is the GPU-hour spread evenly over input and
+output tokens, but a prefix hit only skips that token's prefill (computing
+its KV cache), which costs much less than a decode step; 0.5 is a round,
+deliberately conservative share, not a measurement. Action:
+``gateway.cache`` with ``mode = "prompt_prefix"`` for API models,
+``vllm.prefix_caching`` for deployments.
+
+**Incremental.** Each run processes only the events ingested after its
+watermark (``rollup_state`` row ``caching``), in (ts, event_id) order, and
+keeps:
+
+- ``caching_response_hourly`` / ``caching_prefix_hourly``: per-hour sums the
+  findings are computed from (small: the findings' queries never touch
+  ``usage_events``);
+- ``caching_prompts``: the latest successful time of each prompt key seen
+  within the TTL (older keys are dropped); a key is DuckDB's 64-bit
+  ``hash(tenant, app, feature, model, prompt_hash)`` (a collision, about
+  n²/2⁶⁵ for n live keys, would count a false repeat);
+- ``caching_blocks``: every (cache, block) seen, once (the unbounded cache;
+  a cache is named by the 64-bit BLAKE2b of "model=<provider> <model>" or
+  "deployment=<name>");
+- ``caching_lru``: (cache, block, access number) rows appended for the blocks
+  each run touched; an LRU cache is the ``lru_capacity_blocks`` blocks with
+  the latest numbers (compacted from memory once it has grown).
+
+The caches also live in memory between runs of one analyzer instance (the
+daemon keeps its instances), tagged with the store and the watermark they
+match; a run whose store or watermark differs (a restart, a failed run)
+reloads them from the tables first.
+
+**Backfill.** The LRU has to be simulated one block access at a time (an
+``OrderedDict``, about 0.5-1 µs an access here), and a from-scratch pass over
+a large history is slow anyway (10 M events, 30 M blocks: well over 10 s on
+2 cores). So the first run (no watermark) simulates only the events at most
+``backfill_hours`` (default 6) older than its ``now`` (``0``: the whole
+history, exact but slow) and never looks at older ones; from then on every
+new event is simulated. A store that finopsd's own ingest fills is analysed
+from its first hour anyway: the backfill only matters when the analyzer is
+turned on over an existing history. Findings cover only what was simulated:
+from the window's start, or from the first simulated event if later
+(``covered_start`` / ``covered_days`` in the evidence), and monthly figures
+are projected from that covered span. Every figure, the LRU's included, is
+therefore exact over the covered span, not a sample of it.
+
+Limits, stated: an event ingested after later events were processed (late
+data) is simulated as if it came after them; the unbounded cache state grows
+by one row per distinct block ever seen; changing ``lru_capacity_blocks``
+resizes the persisted LRU (shrinking evicts the least recent blocks, growing
+starts with what it holds) and raising ``response_ttl_s`` cannot recover the
+prompt keys already dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, ClassVar
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field
+
+from finopsd.analyzers.base import (
+    ActionSpec,
+    Analyzer,
+    Context,
+    Finding,
+    Options,
+    Window,
+    monthly,
+    register,
+)
+from finopsd.pricing import PER_MILLION, PriceBook
+
+NAME = "caching"
+SINCE = "caching.since"
+"""``rollup_state`` row holding the ts of the first simulated event."""
+NONE = "(none)"
+"""A scope value for an event without that tag."""
+NO_TIME = np.iinfo(np.int64).min
+"""No such time (microseconds since the epoch)."""
+
+_HOUR = "to_timestamp(floor(epoch(ts) / 3600) * 3600)"
+_SCOPE = (
+    "CASE WHEN deployment IS NOT NULL THEN 'deployment=' || deployment "
+    "ELSE 'model=' || coalesce(provider, '') || ' ' || request_model END"
+)
+"""The prefix cache an event's blocks live in: its deployment, else provider and model."""
+
+
+class CachingOptions(Options):
+    response_ttl_s: float = Field(
+        3600.0, gt=0, description="a response cache entry lives this long after its answer"
+    )
+    block_tokens: int = Field(
+        512, ge=1, description="tokens per prefix_hashes block (the producers' block size)"
+    )
+    lru_capacity_blocks: int = Field(
+        100_000,
+        ge=1,
+        description="blocks each bounded LRU prefix cache (per model/deployment) holds",
+    )
+    prefill_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="share of a self-hosted token's cost that a prefix hit saves (its prefill)",
+    )
+    backfill_hours: float = Field(
+        6.0,
+        ge=0,
+        description="the first run simulates only events this recent; 0: the whole history",
+    )
+    min_requests: int = Field(
+        20, ge=1, description="a scope needs this many requests in the covered window"
+    )
+    min_monthly_savings_usd: float = Field(
+        10.0, ge=0, description="findings saving less than this per month are not reported"
+    )
+
+
+# -- in-memory caches ------------------------------------------------------------------------
+
+
+def _sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``values`` sorted, without repeats (``np.unique`` is far slower on numpy 2.4 here)."""
+    out = np.sort(values)
+    return out[np.concatenate([[True], out[1:] != out[:-1]])] if len(out) else out
+
+
+class _BlockSet:
+    """A growing set of int64 block hashes: a sorted array plus a smaller sorted delta."""
+
+    def __init__(self, blocks: np.ndarray | None = None, *, is_sorted: bool = False) -> None:
+        """``blocks``: the set's contents (``is_sorted``: already sorted and unique)."""
+        empty = np.empty(0, np.int64)
+        if blocks is None:
+            self.main = empty
+        else:
+            self.main = np.asarray(blocks, np.int64) if is_sorted else _sorted_unique(blocks)
+        self.delta = empty
+
+    def __len__(self) -> int:
+        return len(self.main) + len(self.delta)
+
+    @staticmethod
+    def _isin(sorted_arr: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        if len(sorted_arr) == 0:
+            return np.zeros(len(keys), bool)
+        idx = np.searchsorted(sorted_arr, keys)
+        idx[idx == len(sorted_arr)] = 0
+        return sorted_arr[idx] == keys
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        """Which of ``keys`` are in the set."""
+        return self._isin(self.main, keys) | self._isin(self.delta, keys)
+
+    def add(self, new: np.ndarray) -> None:
+        """Add sorted, unique keys that are not in the set yet."""
+        if len(new) == 0:
+            return
+        self.delta = np.insert(self.delta, np.searchsorted(self.delta, new), new)
+        if len(self.delta) > max(1 << 16, len(self.main) >> 3):
+            self.main = np.insert(self.main, np.searchsorted(self.main, self.delta), self.delta)
+            self.delta = np.empty(0, np.int64)
+
+
+@dataclass
+class _Caches:
+    """The simulated prefix caches, valid for the (store, watermark) in ``tag``.
+
+    An LRU cache always holds the ``capacity`` most recently accessed distinct
+    blocks, so its persisted form is just rows (scope, block, access number),
+    appended for the blocks each run touched; it is rewritten from memory when
+    it has grown past twice what the caches hold plus one capacity.
+    """
+
+    tag: tuple[Any, ...]
+    seen: dict[int, _BlockSet] = field(default_factory=dict)  # by scope id
+    lru: dict[int, OrderedDict[int, None]] = field(default_factory=dict)
+    seq: int = 0  # the number of the last LRU access
+    lru_rows: int = 0  # rows in caching_lru
+    prompt_keys: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # sorted
+    prompt_times: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # last ok
+    prompt_rows: int = 0  # rows in caching_prompts
+
+
+def _segments(sorted_ids: np.ndarray) -> list[tuple[int, int, int]]:
+    """(value, start, end) of each run of equal values in ``sorted_ids``."""
+    if len(sorted_ids) == 0:
+        return []
+    starts = np.flatnonzero(np.concatenate([[True], sorted_ids[1:] != sorted_ids[:-1]]))
+    ends = [*starts[1:].tolist(), len(sorted_ids)]
+    return [(int(sorted_ids[lo]), int(lo), hi) for lo, hi in zip(starts, ends, strict=True)]
+
+
+def _load(con: duckdb.DuckDBPyConnection, tag: tuple[Any, ...], capacity: int) -> _Caches:
+    """The caches as the tables hold them."""
+    caches = _Caches(tag)
+    # a block is stored once per cache, when first seen: sorted, these are the sets
+    for (scope,) in con.execute("SELECT DISTINCT scope FROM caching_blocks").fetchall():
+        seen = con.execute(
+            "SELECT block FROM caching_blocks WHERE scope = ? ORDER BY block", [scope]
+        ).fetchnumpy()
+        caches.seen[int(scope)] = _BlockSet(seen["block"], is_sorted=True)
+    # an LRU cache holds the `capacity` blocks accessed last
+    held = con.execute(
+        """
+        SELECT scope, block, max(seq) AS seq FROM caching_lru GROUP BY scope, block
+        QUALIFY row_number() OVER (PARTITION BY scope ORDER BY max(seq) DESC) <= $cap
+        ORDER BY scope, seq
+        """,
+        {"cap": capacity},
+    ).fetchnumpy()
+    scopes, blocks = np.asarray(held["scope"], np.int64), np.asarray(held["block"], np.int64)
+    for scope, lo, hi in _segments(scopes):
+        caches.lru[scope] = OrderedDict.fromkeys(blocks[lo:hi].tolist())
+    row = con.execute("SELECT coalesce(max(seq), 0), count(*) FROM caching_lru").fetchone()
+    assert row is not None
+    caches.seq, caches.lru_rows = int(row[0]), int(row[1])
+    prompts = con.execute(
+        "SELECT k, epoch_us(max(last_ok)) AS t, count(*) AS n "
+        "FROM caching_prompts GROUP BY k ORDER BY k"
+    ).fetchnumpy()
+    caches.prompt_keys = np.asarray(prompts["k"], np.uint64)
+    caches.prompt_times = np.asarray(prompts["t"], np.int64)
+    caches.prompt_rows = int(np.asarray(prompts["n"]).sum())
+    return caches
+
+
+def _scope_id(name: str) -> int:
+    """A cache's stable 64-bit id (its name's BLAKE2b), as stored in the caching tables."""
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
+def _simulate_lru(od: OrderedDict[int, None], keys: list[int], capacity: int) -> np.ndarray:
+    """Access ``keys`` in order on ``od`` (least recent first, at most ``capacity``).
+
+    Every access makes its block the most recent; a miss inserts it and, when
+    the cache is full, evicts the least recent block. Returns whether each
+    block was held just before its access. (About 0.5-1 µs an access: this
+    loop is the analyzer's main per-event cost.)
+    """
+    while len(od) > capacity:
+        od.popitem(last=False)
+    held: list[bool] = []
+    hit, move, pop = held.append, od.move_to_end, od.popitem
+    size = len(od)
+    for k in keys:
+        if k in od:
+            move(k)
+            hit(True)
+        else:
+            od[k] = None
+            hit(False)
+            size += 1
+            if size > capacity:
+                pop(last=False)
+                size -= 1
+    return np.array(held, bool)
+
+
+def _leading_hits(flags: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Per request (consecutive segments of ``flags``): how many leading blocks are hits."""
+    pos = np.arange(len(flags)) - np.repeat(starts, lengths)
+    first_miss = np.minimum.reduceat(np.where(flags, np.iinfo(np.int64).max, pos), starts)
+    return np.minimum(first_miss, lengths)
+
+
+# -- the incremental pass --------------------------------------------------------------------
+
+
+@dataclass
+class _Pass:
+    """What one incremental pass did (for tests and logs)."""
+
+    events: int = 0
+    prompt_requests: int = 0
+    prefix_requests: int = 0
+    block_accesses: int = 0
+
+
+_COLUMNS = {
+    "caching_response_hourly": [
+        *("hour", "tenant", "app", "feature", "deployment", "requests", "cost_usd", "tokens"),
+        *("repeat_requests", "repeat_cost_usd", "repeat_tokens", "repeat_unpriced"),
+    ],
+    "caching_prompts": ["k", "last_ok"],
+    "caching_prefix_hourly": [
+        *("hour", "provider", "model", "deployment", "billing_mode", "requests"),
+        *("input_tokens", "cache_read_tokens", "unbounded_hit_tokens", "unbounded_extra_tokens"),
+        *("lru_hit_tokens", "lru_extra_tokens"),
+    ],
+    "caching_blocks": ["scope", "block"],
+    "caching_lru": ["scope", "block", "seq"],
+}
+"""The columns of this analyzer's tables, in their order (see finopsd/store.py)."""
+
+
+def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: pl.DataFrame | pa.Table) -> None:
+    """Append ``rows`` (with at least ``table``'s columns, by name) to ``table``."""
+    arrow = rows.to_arrow() if isinstance(rows, pl.DataFrame) else rows
+    if arrow.num_rows:
+        con.from_arrow(arrow.select(_COLUMNS[table])).insert_into(table)
+
+
+def _process(
+    con: duckdb.DuckDBPyConnection,
+    opts: CachingOptions,
+    caches: _Caches | None,
+    now: datetime,
+) -> tuple[_Caches, _Pass, datetime | None]:
+    """Fold the events ingested since the watermark into the caching tables and caches.
+
+    Runs in the caller's transaction (which holds the store's write lock, so
+    no event can be committed behind the new watermark meanwhile). Returns the
+    caches, now matching the new watermark, what was done, and the ts of the
+    first event ever simulated (None: none yet).
+    """
+    done = _Pass()
+    row = con.execute(
+        f"""
+        SELECT (SELECT path FROM duckdb_databases() WHERE database_name = current_database()),
+               (SELECT watermark FROM rollup_state WHERE name = '{NAME}'),
+               (SELECT watermark FROM rollup_state WHERE name = '{SINCE}')
+        """
+    ).fetchone()
+    assert row is not None
+    path, watermark, since = row
+    if caches is None or caches.tag != (path, watermark):
+        caches = _load(con, (path, watermark), opts.lru_capacity_blocks)
+    new = "TRUE" if watermark is None else "ingested_at > $w"
+    params: dict[str, Any] = {} if watermark is None else {"w": watermark}
+    recent = "TRUE"
+    if watermark is None and opts.backfill_hours > 0:
+        recent = "ts >= $from"
+        params["from"] = now - timedelta(hours=opts.backfill_hours)
+    table = con.execute(
+        f"""
+        SELECT ts, {_HOUR} AS hour, tenant, app, feature, provider, request_model AS model,
+               deployment, billing_mode, status = 'ok' AS ok, input_tokens, output_tokens,
+               coalesce(cache_read_input_tokens, 0) AS cache_read_tokens, cost_usd,
+               CASE WHEN prompt_hash IS NOT NULL
+                    THEN hash(tenant, app, feature, request_model, prompt_hash) END AS rk,
+               {_SCOPE} AS scope, prefix_hashes,
+               (SELECT max(ingested_at) FROM usage_events WHERE {new}) AS newest
+        FROM usage_events
+        WHERE {new} AND {recent} AND (prompt_hash IS NOT NULL OR len(prefix_hashes) > 0)
+        ORDER BY ts, event_id, rowid
+        """,
+        params,
+    ).to_arrow_table()
+    done.events = table.num_rows
+    if table.num_rows:
+        newest = table.column("newest")[0].as_py()
+        states = [(NAME, newest)]
+        if since is None:
+            since = table.column("ts")[0].as_py()
+            states.append((SINCE, since))
+        _repeats(con, table, opts.response_ttl_s, caches, done)
+        _prefixes(con, table, opts, caches, done)
+    else:  # nothing to simulate; still move past what was looked at
+        top = con.execute(
+            f"SELECT max(ingested_at) FROM usage_events WHERE {new}",
+            {k: v for k, v in params.items() if k == "w"},
+        )
+        top_row = top.fetchone()
+        newest = top_row[0] if top_row else None
+        if newest is None:
+            return caches, done, since
+        states = [(NAME, newest)]
+    con.execute(
+        "INSERT OR REPLACE INTO rollup_state VALUES " + ", ".join(["(?, ?)"] * len(states)),
+        [v for state in states for v in state],
+    )
+    caches.tag = (path, newest)
+    return caches, done, since
+
+
+def _previous_ok(rk: np.ndarray, t: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """Per request (in processing order): the time of the latest earlier ok request with its key.
+
+    ``NO_TIME`` where there is none. Within a batch, time never decreases, so the
+    latest earlier ok request is also the one with the largest time.
+    """
+    order = np.argsort(rk, kind="stable")
+    rks = rk[order]
+    new_key = np.ones(len(rks), bool)
+    new_key[1:] = rks[1:] != rks[:-1]
+    key_start = np.flatnonzero(new_key)[np.cumsum(new_key) - 1]
+    last_ok = np.maximum.accumulate(np.where(ok[order], np.arange(len(rks)), -1))
+    before = np.concatenate([[-1], last_ok[:-1]])
+    prev = np.where(before >= key_start, t[order][np.maximum(before, 0)], NO_TIME)
+    out = np.empty_like(prev)
+    out[order] = prev
+    return out
+
+
+def _repeats(
+    con: duckdb.DuckDBPyConnection, table: pa.Table, ttl_s: float, caches: _Caches, done: _Pass
+) -> None:
+    """Exact repeats among the new events into ``caching_response_hourly``; ``caching_prompts``."""
+    has_key = pc.is_valid(table.column("rk")).to_numpy(zero_copy_only=False)
+    done.prompt_requests = int(has_key.sum())
+    if not done.prompt_requests:
+        return
+    rows = np.flatnonzero(has_key)
+    rk = pc.fill_null(table.column("rk"), 0).to_numpy()[rows].astype(np.uint64)
+    t = pc.cast(table.column("ts"), pa.int64()).to_numpy()[rows]
+    ok = table.column("ok").to_numpy(zero_copy_only=False)[rows].astype(bool)
+    state_k, state_t = caches.prompt_keys, caches.prompt_times
+    # the latest good answer before each request: earlier in this batch, or the
+    # stored one from an earlier run (unless, late data, it is later than the request)
+    prev = _previous_ok(rk, t, ok)
+    if len(state_k):
+        at = np.minimum(np.searchsorted(state_k, rk), len(state_k) - 1)
+        stored_t = np.where(state_k[at] == rk, state_t[at], NO_TIME)
+        prev = np.maximum(prev, np.where(stored_t <= t, stored_t, NO_TIME))
+    ttl = round(ttl_s * 1_000_000)
+    repeat = (prev != NO_TIME) & (t - prev <= ttl)
+
+    df = pl.from_arrow(
+        table.select(["hour", "tenant", "app", "feature", "deployment", "cost_usd"]).take(rows)
+    )
+    assert isinstance(df, pl.DataFrame)
+    tokens = (
+        table.column("input_tokens").to_numpy()[rows]
+        + table.column("output_tokens").to_numpy()[rows]
+    )
+    df = df.with_columns(
+        pl.Series("tokens", tokens, pl.Int64),
+        pl.Series("repeat", repeat),
+        pl.col("deployment").is_null().alias("api"),
+    )
+    repeat_, api, cost = pl.col("repeat"), pl.col("api"), pl.col("cost_usd")
+    hourly = df.group_by("hour", "tenant", "app", "feature", "deployment").agg(
+        pl.len().alias("requests"),
+        cost.filter(api).sum().alias("cost_usd"),
+        pl.col("tokens").sum(),
+        repeat_.sum().alias("repeat_requests"),
+        cost.filter(repeat_ & api).sum().alias("repeat_cost_usd"),
+        pl.col("tokens").filter(repeat_).sum().alias("repeat_tokens"),
+        (repeat_ & api & cost.is_null()).sum().alias("repeat_unpriced"),
+    )
+    _insert(con, "caching_response_hourly", hourly)
+    # keep, per key, the latest good answer, and only keys that can still be hit
+    keys = np.concatenate([state_k, rk[ok]])
+    times = np.concatenate([state_t, t[ok]])
+    horizon = max(int(t.max()), int(state_t.max()) if len(state_t) else 0) - ttl
+    order = np.lexsort((times, keys))
+    keys, times = keys[order], times[order]
+    last = np.ones(len(keys), bool)
+    last[:-1] = keys[1:] != keys[:-1]
+    keep = last & (times >= horizon)
+    caches.prompt_keys, caches.prompt_times = keys[keep], times[keep]
+    # the table: append the keys whose latest answer is in this batch (a key's latest
+    # row wins when loaded); drop what can no longer be hit once that is most of it
+    answered = keep & (order >= len(state_k))
+    stamp = pa.timestamp("us", tz="UTC")
+    _insert(
+        con,
+        "caching_prompts",
+        pa.table({"k": keys[answered], "last_ok": pa.array(times[answered], stamp)}),
+    )
+    caches.prompt_rows += int(answered.sum())
+    if caches.prompt_rows > 2 * len(caches.prompt_keys) + 10_000:
+        con.execute(
+            "DELETE FROM caching_prompts WHERE last_ok < $h",
+            {"h": pa.scalar(horizon, stamp).as_py()},
+        )
+        row = con.execute("SELECT count(*) FROM caching_prompts").fetchone()
+        caches.prompt_rows = int(row[0]) if row else 0
+
+
+def _prefixes(
+    con: duckdb.DuckDBPyConnection,
+    table: pa.Table,
+    opts: CachingOptions,
+    caches: _Caches,
+    done: _Pass,
+) -> None:
+    """Prefix-cache hits of the new events into ``caching_prefix_hourly``; the caches."""
+    lists = table.column("prefix_hashes")
+    all_lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy().astype(np.int64)
+    rows = np.flatnonzero(all_lengths)
+    if len(rows) == 0:
+        return
+    lengths = all_lengths[rows]
+    blocks = pc.list_flatten(lists).to_numpy().astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    done.prefix_requests, done.block_accesses = len(rows), len(blocks)
+
+    scopes = table.column("scope").combine_chunks().dictionary_encode()
+    names = scopes.dictionary.to_pylist()
+    access_scope = np.repeat(scopes.indices.to_numpy()[rows], lengths)
+    order = np.argsort(access_scope, kind="stable")
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(access_scope, minlength=len(names)))])
+    seen_flags = np.zeros(len(blocks), bool)
+    lru_flags = np.zeros(len(blocks), bool)
+    new_blocks: list[pa.Table] = []
+    touched: list[pa.Table] = []
+    for i, name in enumerate(names):
+        scope = _scope_id(name)
+        at = order[bounds[i] : bounds[i + 1]]
+        keys = blocks[at]
+        by_key = np.argsort(keys, kind="stable")  # equal keys stay in access order
+        sorted_keys = keys[by_key]
+        starts_k = np.flatnonzero(np.concatenate([[True], sorted_keys[1:] != sorted_keys[:-1]]))
+        uniq = sorted_keys[starts_k]
+        first_at = by_key[starts_k]
+        last_at = by_key[np.concatenate([starts_k[1:], [len(keys)]]) - 1]
+        # unbounded: a block was seen if the set has it or it occurred earlier in this batch
+        seen = caches.seen.setdefault(scope, _BlockSet())
+        fresh = ~seen.contains(uniq)
+        flags = np.ones(len(keys), bool)
+        flags[first_at[fresh]] = False
+        seen_flags[at] = flags
+        seen.add(uniq[fresh])
+        new_blocks.append(
+            pa.table({"scope": pa.repeat(scope, int(fresh.sum())), "block": uniq[fresh]})
+        )
+        # bounded LRU, one access at a time; each touched block's last access is appended
+        od = caches.lru.setdefault(scope, OrderedDict())
+        lru_flags[at] = _simulate_lru(od, keys.tolist(), opts.lru_capacity_blocks)
+        touched.append(
+            pa.table(
+                {
+                    "scope": pa.repeat(scope, len(uniq)),
+                    "block": uniq,
+                    "seq": caches.seq + 1 + last_at,
+                }
+            )
+        )
+        caches.seq += len(keys)
+
+    inp = table.column("input_tokens").to_numpy()[rows].astype(np.int64)
+    cache_read = table.column("cache_read_tokens").to_numpy()[rows].astype(np.int64)
+    unb = np.minimum(_leading_hits(seen_flags, starts, lengths) * opts.block_tokens, inp)
+    lru = np.minimum(_leading_hits(lru_flags, starts, lengths) * opts.block_tokens, inp)
+    df = pl.from_arrow(
+        table.select(["hour", "provider", "model", "deployment", "billing_mode"]).take(rows)
+    )
+    assert isinstance(df, pl.DataFrame)
+    df = df.with_columns(
+        pl.Series("input_tokens", inp),
+        pl.Series("cache_read_tokens", cache_read),
+        pl.Series("unbounded_hit_tokens", unb),
+        pl.Series("unbounded_extra_tokens", np.maximum(unb - cache_read, 0)),
+        pl.Series("lru_hit_tokens", lru),
+        pl.Series("lru_extra_tokens", np.maximum(lru - cache_read, 0)),
+    )
+    sums = [
+        "input_tokens",
+        "cache_read_tokens",
+        "unbounded_hit_tokens",
+        "unbounded_extra_tokens",
+        "lru_hit_tokens",
+        "lru_extra_tokens",
+    ]
+    hourly = df.group_by("hour", "provider", "model", "deployment", "billing_mode").agg(
+        pl.len().alias("requests"), *(pl.col(c).sum() for c in sums)
+    )
+    _insert(con, "caching_prefix_hourly", hourly)
+    _insert(con, "caching_blocks", pa.concat_tables(new_blocks))
+    held = sum(len(od) for od in caches.lru.values())
+    rows = pa.concat_tables(touched)
+    if caches.lru_rows + rows.num_rows > 2 * held + opts.lru_capacity_blocks:
+        con.execute("DELETE FROM caching_lru")  # rewrite: just what the caches hold
+        rows = pa.concat_tables(
+            pa.table(
+                {
+                    "scope": pa.repeat(scope, len(od)),
+                    "block": np.fromiter(od, np.int64, len(od)),
+                    "seq": caches.seq - len(od) + 1 + np.arange(len(od), dtype=np.int64),
+                }
+            )
+            for scope, od in caches.lru.items()
+        )
+        caches.lru_rows = 0
+    _insert(con, "caching_lru", rows)
+    caches.lru_rows += rows.num_rows
+
+
+# -- findings --------------------------------------------------------------------------------
+
+
+def _covered(since: datetime | None, window: Window) -> Window | None:
+    """The part of ``window`` that was simulated (from ``since`` on); None if none was."""
+    if since is None:
+        return None
+    start = max(window.start, since)
+    return Window(start, window.end) if start < window.end else None
+
+
+def _current_price(prices: PriceBook, provider: str | None, model: str, at: datetime) -> Any:
+    key = prices.resolve(provider, model, model)
+    if key is None:
+        return None
+    found = None
+    for p in prices.prices:
+        if p.key == key and p.effective_from <= at.date():
+            found = p
+    return found
+
+
+def _worth(monthly_usd: float, opts: CachingOptions) -> bool:
+    """A finding is reported when it saves something, and at least the configured minimum."""
+    return monthly_usd > 0 and monthly_usd >= opts.min_monthly_savings_usd
+
+
+def _ratio(part: float, whole: float) -> float:
+    return part / whole if whole else 0.0
+
+
+@register
+class Caching(Analyzer):
+    name: ClassVar[str] = NAME
+    description: ClassVar[str] = (
+        "exact prompt repeats (response cache) and prompt-prefix reuse (prefix cache, "
+        "unbounded and LRU)"
+    )
+    Options: ClassVar[type[Options]] = CachingOptions
+
+    def __init__(self, options: Options | None = None) -> None:
+        super().__init__(options)
+        self._caches: _Caches | None = None
+        self.last_pass: _Pass | None = None
+
+    @property
+    def opts(self) -> CachingOptions:
+        assert isinstance(self.options, CachingOptions)
+        return self.options
+
+    def run(self, ctx: Context) -> list[Finding]:
+        caches, self._caches = self._caches, None  # invalid until the pass commits
+
+        def work(con: duckdb.DuckDBPyConnection) -> tuple[_Caches, _Pass, datetime | None]:
+            return _process(con, self.opts, caches, ctx.now)
+
+        self._caches, self.last_pass, since = ctx.write(work)
+        covered = _covered(since, ctx.window)
+        if covered is None:
+            return []
+        return [*self._response_findings(ctx, covered), *self._prefix_findings(ctx, covered)]
+
+    # -- exact repeats ---------------------------------------------------------------------
+
+    def _response_findings(self, ctx: Context, covered: Window) -> list[Finding]:
+        opts = self.opts
+        rows = ctx.con.execute(
+            """
+            WITH r AS (
+                SELECT * FROM caching_response_hourly
+                WHERE hour >= to_timestamp(floor(epoch($lo::TIMESTAMPTZ) / 3600) * 3600)
+                  AND hour < $hi
+            ),
+            rate AS (
+                SELECT deployment, hour, cost_usd / tokens AS usd_per_token
+                FROM deployment_hours WHERE tokens > 0 AND hour >= $lo - INTERVAL 1 HOUR
+                  AND hour < $hi
+            )
+            SELECT tenant, app, feature, sum(requests), sum(repeat_requests),
+                   sum(CASE WHEN r.deployment IS NULL THEN r.cost_usd
+                            ELSE r.tokens * rate.usd_per_token END),
+                   sum(CASE WHEN r.deployment IS NULL THEN r.repeat_cost_usd
+                            ELSE r.repeat_tokens * rate.usd_per_token END),
+                   sum(CASE WHEN r.deployment IS NULL THEN r.repeat_unpriced
+                            WHEN rate.usd_per_token IS NULL THEN r.repeat_requests
+                            ELSE 0 END)
+            FROM r LEFT JOIN rate ON r.deployment = rate.deployment AND r.hour = rate.hour
+            GROUP BY ALL
+            ORDER BY ALL
+            """,
+            {"lo": covered.start, "hi": covered.end},
+        ).fetchall()
+        out = []
+        for tenant, app, feature, requests, repeats, cost, repeat_cost, unpriced in rows:
+            repeat_cost = float(repeat_cost or 0.0)
+            saving = monthly(repeat_cost, covered)
+            if requests < opts.min_requests or not _worth(saving, opts):
+                continue
+            scope = {"tenant": tenant or NONE, "app": app or NONE, "feature": feature or NONE}
+            ratio = _ratio(repeats, requests)
+            out.append(
+                Finding(
+                    kind="caching.response_repeats",
+                    scope=scope,
+                    title=(
+                        f"{ratio:.0%} of {scope['app']}/{scope['feature']} requests "
+                        f"({scope['tenant']}) repeat a prompt answered within "
+                        f"{opts.response_ttl_s:g}s: a response cache saves "
+                        f"${saving:,.0f}/month"
+                    ),
+                    evidence={
+                        "requests": int(requests),
+                        "repeat_requests": int(repeats),
+                        "response_hit_ratio": ratio,
+                        "cost_usd": float(cost or 0.0),
+                        "repeat_cost_usd": repeat_cost,
+                        "repeat_unpriced_requests": int(unpriced or 0),
+                        "ttl_s": opts.response_ttl_s,
+                        "covered_start": covered.start.isoformat(),
+                        "covered_days": covered.days,
+                    },
+                    monthly_savings_usd=saving,
+                    savings_method=(
+                        "full cost of the requests a response cache would have served (same "
+                        "tenant, app, feature, model and prompt_hash answered ok within the "
+                        "TTL; self-hosted at the deployment-hour's cost per token), over the "
+                        "covered span, projected to a month"
+                    ),
+                    confidence=0.7,
+                    risk="medium",
+                    action=ActionSpec(
+                        "gateway.cache",
+                        {"mode": "response", "ttl_s": opts.response_ttl_s, "scope": scope},
+                    ),
+                )
+            )
+        return out
+
+    # -- prefix reuse ----------------------------------------------------------------------
+
+    def _prefix_findings(self, ctx: Context, covered: Window) -> list[Finding]:
+        opts = self.opts
+        rows = ctx.con.execute(
+            """
+            WITH p AS (
+                SELECT * FROM caching_prefix_hourly
+                WHERE hour >= to_timestamp(floor(epoch($lo::TIMESTAMPTZ) / 3600) * 3600)
+                  AND hour < $hi
+            ),
+            rate AS (
+                SELECT deployment, hour, cost_usd / tokens AS usd_per_token
+                FROM deployment_hours WHERE tokens > 0 AND hour >= $lo - INTERVAL 1 HOUR
+                  AND hour < $hi
+            )
+            SELECT CASE WHEN p.deployment IS NULL THEN p.provider END AS provider,
+                   CASE WHEN p.deployment IS NULL THEN p.model END AS model,
+                   p.deployment, billing_mode,
+                   sum(requests), sum(input_tokens), sum(cache_read_tokens),
+                   sum(unbounded_hit_tokens), sum(lru_hit_tokens), sum(lru_extra_tokens),
+                   sum(p.lru_extra_tokens * rate.usd_per_token),
+                   sum(p.lru_extra_tokens) FILTER (WHERE rate.usd_per_token IS NULL)
+            FROM p LEFT JOIN rate ON p.deployment = rate.deployment AND p.hour = rate.hour
+            GROUP BY ALL
+            ORDER BY ALL
+            """,
+            {"lo": covered.start, "hi": covered.end},
+        ).fetchall()
+        scopes: dict[tuple[str | None, str | None, str | None], dict[str, Any]] = {}
+        for provider, model, deployment, billing_mode, *sums in rows:
+            acc = scopes.setdefault(
+                (provider, model, deployment), {"by_mode": {}, "sums": [0] * len(sums)}
+            )
+            acc["by_mode"][billing_mode] = sums
+            acc["sums"] = [a + (s or 0) for a, s in zip(acc["sums"], sums, strict=True)]
+        out = []
+        for (provider, model, deployment), acc in scopes.items():
+            requests, inp, cache_read, unb, lru, extra, _usd, _unpriced = acc["sums"]
+            if requests < opts.min_requests:
+                continue
+            evidence: dict[str, Any] = {
+                "requests": int(requests),
+                "input_tokens": int(inp),
+                "cache_read_tokens": int(cache_read),
+                "prefix_hit_tokens_unbounded": int(unb),
+                "prefix_hit_ratio_unbounded": _ratio(unb, inp),
+                "prefix_hit_tokens_lru": int(lru),
+                "prefix_hit_ratio_lru": _ratio(lru, inp),
+                "lru_capacity_blocks": opts.lru_capacity_blocks,
+                "block_tokens": opts.block_tokens,
+                "savable_tokens": int(extra),
+                "covered_start": covered.start.isoformat(),
+                "covered_days": covered.days,
+            }
+            if deployment is None:
+                finding = self._api_prefix(ctx, covered, provider, model, acc, evidence)
+            else:
+                finding = self._vllm_prefix(covered, deployment, acc, evidence)
+            if finding is not None and _worth(finding.monthly_savings_usd, opts):
+                out.append(finding)
+        return out
+
+    def _api_prefix(
+        self,
+        ctx: Context,
+        covered: Window,
+        provider: str | None,
+        model: str | None,
+        acc: dict[str, Any],
+        evidence: dict[str, Any],
+    ) -> Finding | None:
+        assert model is not None
+        price = _current_price(ctx.prices, provider, model, ctx.now)
+        if price is None or price.cached_input_per_mtok is None:
+            return None
+        per_token = (price.input_per_mtok - price.cached_input_per_mtok) / PER_MILLION
+        if per_token <= 0:
+            return None
+        saved = 0.0
+        for mode, sums in acc["by_mode"].items():
+            discount = price.batch_discount if mode == "batch" else 0.0
+            saved += (sums[5] or 0) * per_token * (1 - discount)
+        saving = monthly(saved, covered)
+        scope = {"provider": provider or NONE, "model": model}
+        evidence |= {
+            "price_id": price.price_id,
+            "input_per_mtok": price.input_per_mtok,
+            "cached_input_per_mtok": price.cached_input_per_mtok,
+            "saved_usd": saved,
+        }
+        return Finding(
+            kind="caching.prompt_prefix",
+            scope=scope,
+            title=(
+                f"{evidence['prefix_hit_ratio_lru']:.0%} of {model} input tokens repeat an "
+                f"earlier prompt prefix: prompt caching saves ${saving:,.0f}/month"
+            ),
+            evidence=evidence,
+            monthly_savings_usd=saving,
+            savings_method=(
+                "LRU prefix-cache hit tokens not already billed as cache reads, times "
+                "(input - cached input) of the model's current price (batch discount "
+                "applied), over the covered span, projected to a month"
+            ),
+            confidence=0.6,
+            risk="low",
+            action=ActionSpec(
+                "gateway.cache",
+                {
+                    "mode": "prompt_prefix",
+                    "provider": scope["provider"],
+                    "model": model,
+                    "min_prefix_tokens": self.opts.block_tokens,
+                },
+            ),
+        )
+
+    def _vllm_prefix(
+        self, covered: Window, deployment: str, acc: dict[str, Any], evidence: dict[str, Any]
+    ) -> Finding | None:
+        opts = self.opts
+        priced_usd, unpriced_tokens = acc["sums"][6], acc["sums"][7]
+        saved = float(priced_usd or 0.0) * opts.prefill_share
+        saving = monthly(saved, covered)
+        evidence |= {
+            "prefill_share": opts.prefill_share,
+            "savable_cost_usd": float(priced_usd or 0.0),
+            "saved_usd": saved,
+            "unpriced_savable_tokens": int(unpriced_tokens or 0),
+        }
+        if not math.isfinite(saving):
+            return None
+        return Finding(
+            kind="caching.vllm_prefix",
+            scope={"deployment": deployment},
+            title=(
+                f"{evidence['prefix_hit_ratio_lru']:.0%} of {deployment}'s prompt tokens repeat "
+                f"an earlier prefix: prefix caching saves ${saving:,.0f}/month of prefill"
+            ),
+            evidence=evidence,
+            monthly_savings_usd=saving,
+            savings_method=(
+                "LRU prefix-cache hit tokens not already served from cache, times the "
+                "deployment-hour's cost per token, times prefill_share, over the covered "
+                "span, projected to a month"
+            ),
+            confidence=0.5,
+            risk="low",
+            action=ActionSpec(
+                "vllm.prefix_caching",
+                {
+                    "deployment": deployment,
+                    "enable_prefix_caching": True,
+                    "cache_blocks": opts.lru_capacity_blocks,
+                    "block_tokens": opts.block_tokens,
+                },
+            ),
+        )
