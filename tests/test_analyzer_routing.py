@@ -1,0 +1,389 @@
+"""routing: cheaper model mixes by LP and cheap-first cascades, on traffic built here.
+
+Three models serve the feature "answer" (provider "p"), every request 1,000
+input and 100 output tokens, so a request costs $0.010 on ``big``, $0.006 on
+``mid`` and $0.001 on ``small``. ``big`` (quality 0.95, 1,000 ms) carries the
+scope under test (acme / bot, 200 requests); ``mid`` (0.88, 1,000 ms) and
+``small`` (0.70, 4,000 ms) serve the same feature elsewhere with too few
+requests to be scopes of their own. The right answers are worked out by hand
+from those numbers (and the bucketed p95 the analyzer reports, checked against
+the true latency).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from finopsd.analyzers import routing, spend
+from finopsd.analyzers.base import DAYS_PER_MONTH, Finding, Window
+from finopsd.analyzers.routing import MixProblem, solve_mixes
+from finopsd.analyzers.runner import build, run_analyzers, stored_findings
+from finopsd.pricing import Deployment, Price, PriceBook
+from finopsd.store import Store
+
+NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+DAY0 = datetime(2026, 3, 5, tzinfo=UTC)
+IN_TOKENS, OUT_TOKENS = 1000, 100
+PRICES = {  # $/Mtok input, output
+    "big": (5.0, 50.0),
+    "mid": (3.0, 30.0),
+    "small": (0.5, 5.0),
+    "tiny": (0.2, 2.0),
+}
+BOOK = PriceBook(
+    [Price("p", m, date(2025, 1, 1), i, o, batch_discount=0.5) for m, (i, o) in PRICES.items()]
+)
+
+
+LLAMA_PER_TOKEN = 2e-6  # the self-hosted "llama": its settled GPU cost per token
+SELF_HOSTED_BOOK = PriceBook(BOOK.prices, [Deployment("llama-dep", "L4", 1, 1.0)])
+
+
+def cost(model: str) -> float:
+    if model == "llama":
+        return (IN_TOKENS + OUT_TOKENS) * LLAMA_PER_TOKEN
+    i, o = PRICES[model]
+    return (IN_TOKENS * i + OUT_TOKENS * o) / 1e6
+
+
+# the routing window: whole UTC days from the start of the 30-day window's first day
+WINDOW_DAYS = (NOW - datetime(2026, 2, 8, tzinfo=UTC)) / timedelta(days=1)
+
+
+def per_month(window_usd: float) -> float:
+    return window_usd / WINDOW_DAYS * DAYS_PER_MONTH
+
+
+Event = tuple[str, str, str, float | None, float, str]  # tenant, app, model, quality, ms, status
+
+
+def events(
+    tenant: str,
+    app: str,
+    model: str,
+    n: int,
+    *,
+    quality: float | None,
+    latency: float = 1000.0,
+    status: str = "ok",
+) -> list[Event]:
+    return [(tenant, app, model, quality, latency, status)] * n
+
+
+def standard() -> list[Event]:
+    return [
+        *events("acme", "bot", "big", 200, quality=0.95),
+        *events("other", "lab", "mid", 50, quality=0.88),
+        *events("other", "lab", "small", 50, quality=0.70, latency=4000.0),
+    ]
+
+
+def insert(store: Store, specs: Iterable[Event], *, start: int = 0, day: int = 0) -> None:
+    """Events spread over four days from DAY0 + ``day``, ids from ``start``."""
+    rows = []
+    for i, (tenant, app, model, quality, ms, status) in enumerate(specs):
+        c = cost(model)
+        rows.append(
+            {
+                "event_id": f"e{start + i}",
+                "ts": DAY0 + timedelta(days=day + (start + i) % 4, minutes=(start + i) % 600),
+                "provider": "vllm" if model == "llama" else "p",
+                "deployment": "llama-dep" if model == "llama" else None,
+                "request_model": model,
+                "input_tokens": IN_TOKENS,
+                "output_tokens": OUT_TOKENS,
+                "tenant": tenant,
+                "app": app,
+                "feature": "answer",
+                "latency_ms": ms,
+                "status": status,
+                "latency_class": "interactive",
+                "billing_mode": "standard",
+                "quality_score": quality,
+                "list_cost_usd": c,
+                "cost_usd": c,
+            }
+        )
+    table = pa.Table.from_pylist(rows)
+
+    def work(con: Any) -> None:
+        con.register("new_rows", table)
+        con.execute("INSERT INTO usage_events BY NAME SELECT * FROM new_rows")
+        con.unregister("new_rows")
+
+    store.write(work)
+
+
+def run(store: Store, now: datetime = NOW, book: PriceBook = BOOK, **options: Any) -> list[Finding]:
+    opts = {"min_monthly_savings_usd": 0.0, **options}
+    (result,) = run_analyzers(store, book, build({"routing": opts}, only=["routing"]), now=now)
+    assert result.error is None, result.error
+    return result.findings
+
+
+def only_finding(findings: list[Finding]) -> Finding:
+    assert [f.scope for f in findings] == [
+        {"tenant": "acme", "app": "bot", "feature": "answer", "model": "big"}
+    ]
+    return findings[0]
+
+
+def p95_bucket(ms: float) -> float:
+    """The analyzer's estimate: the geometric middle of the 5 % log bucket holding ``ms``."""
+    return math.exp((math.floor(math.log(ms) * 20) + 0.5) / 20)
+
+
+def test_lp_mix_at_the_quality_boundary(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, standard())
+        f = only_finding(run(store))
+    # by hand: mixing mid (0.88) with small (0.70) to reach 0.85 exactly is cheapest
+    # (big + small: 0.6 x 0.010 + 0.4 x 0.001 = 0.0064; mid alone 0.006)
+    x_mid = (0.85 - 0.70) / (0.88 - 0.70)
+    lp_cost = x_mid * cost("mid") + (1 - x_mid) * cost("small")
+    assert lp_cost < min(cost("mid"), 0.6 * cost("big") + 0.4 * cost("small"))
+    ev = f.evidence
+    assert ev["chosen"] == "lp"
+    assert ev["lp"]["shares"] == pytest.approx({"mid": x_mid, "small": 1 - x_mid}, abs=1e-6)
+    assert ev["lp"]["cost_per_request_usd"] == pytest.approx(lp_cost, rel=1e-6)
+    assert ev["lp"]["quality"] == pytest.approx(0.85, abs=1e-6)
+    assert ev["quality_target"] == 0.85
+    assert ev["current"]["cost_per_request_usd"] == pytest.approx(cost("big"))
+    cands = {c["model"]: c for c in ev["candidates"]}
+    assert set(cands) == {"big", "mid", "small"}
+    for model, q, ms in (("big", 0.95, 1000.0), ("mid", 0.88, 1000.0), ("small", 0.70, 4000.0)):
+        assert cands[model]["quality"] == pytest.approx(q)
+        assert cands[model]["quality_source"] == "events"
+        assert cands[model]["cost_per_request_usd"] == pytest.approx(cost(model))
+        assert cands[model]["p95_ms"] == pytest.approx(p95_bucket(ms))
+        assert cands[model]["p95_ms"] == pytest.approx(ms, rel=0.026)
+    # every small answer scores 0.70 < 0.85: the cascade would always escalate, costing more
+    assert ev["cascade"]["escalation_rate"] == 1.0
+    assert ev["cascade"]["savings_per_request_usd"] == pytest.approx(-cost("small"))
+    saved = (cost("big") - lp_cost) * 200
+    assert ev["window_savings_usd"] == pytest.approx(saved)
+    assert f.monthly_savings_usd == pytest.approx(per_month(saved))
+    assert f.action is not None and f.action.actuator == "gateway.route"
+    assert f.action.params["weights"] == pytest.approx(ev["lp"]["shares"])
+    assert f.kind == "routing.model_mix" and f.risk == "medium"
+
+
+def test_latency_slo_excludes_the_slow_model_and_bounds_its_share(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, standard())
+        # SLO below every p95: relaxed to the current model's own p95, which leaves small
+        # (p95 ~4,000 ms) no share at all; mid alone (0.88) meets the quality target
+        f = only_finding(run(store, latency_slo_ms=900))
+        assert f.evidence["latency_slo_ms"] == pytest.approx(p95_bucket(1000))
+        assert f.evidence["lp"]["shares"] == pytest.approx({"mid": 1.0})
+        assert f.evidence["lp"]["savings_per_request_usd"] == pytest.approx(
+            cost("big") - cost("mid")
+        )
+        # a looser SLO: small's share is bounded by the latency row, below the quality bound
+        f = only_finding(run(store, latency_slo_ms=1300))
+    p_mid, p_small = p95_bucket(1000), p95_bucket(4000)
+    x_small = (1300 - p_mid) / (p_small - p_mid)
+    assert x_small < 1 - (0.85 - 0.70) / (0.88 - 0.70)
+    shares = f.evidence["lp"]["shares"]
+    assert shares == pytest.approx({"mid": 1 - x_small, "small": x_small}, abs=1e-6)
+    assert f.evidence["lp"]["p95_ms_weighted"] == pytest.approx(1300, rel=1e-6)
+
+
+def test_infeasible_or_unknown_quality_gives_no_finding(tmp_path: Path) -> None:
+    # the LP itself: no mix reaches 0.99; one infeasible block does not hide another
+    bad = MixProblem(np.array([1.0, 0.1]), np.array([0.9, 0.7]), 0.99, np.array([1.0, 1.0]))
+    good = MixProblem(np.array([1.0, 0.1]), np.array([0.9, 0.7]), 0.8, np.array([1.0, 1.0]))
+    bad_x, good_x = solve_mixes([bad, good])
+    assert bad_x is None
+    assert good_x is not None and good_x == pytest.approx([0.5, 0.5])
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, standard())
+        # a target above every model's quality: relaxed to big's own 0.95, which only big meets
+        assert run(store, quality_target=0.99) == []
+    with Store(tmp_path / "q.duckdb") as store:
+        # no quality scores for the current model: nothing to hold a new mix to
+        insert(
+            store,
+            [
+                *events("acme", "bot", "big", 200, quality=None),
+                *events("other", "lab", "small", 50, quality=0.9),
+            ],
+        )
+        assert run(store) == []
+    with Store(tmp_path / "c.duckdb") as store:
+        # the cheapest model already: nothing cheaper to move to
+        insert(store, [*events("acme", "bot", "small", 200, quality=0.9), *standard()[:200]])
+        assert [f.scope["model"] for f in run(store)] == ["big"]
+
+
+def test_cascade_formula(tmp_path: Path) -> None:
+    # small: 40 answers at 0.86 (pass), 5 at 0.2 (fail), 5 errors (fail): e = 10 / 50
+    small = [
+        *events("other", "lab", "small", 40, quality=0.86),
+        *events("other", "lab", "small", 5, quality=0.2),
+        *events("other", "lab", "small", 5, quality=None, status="error"),
+    ]
+    specs = [*events("acme", "bot", "big", 200, quality=0.95), *small]
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, specs)
+        f = only_finding(run(store))
+        rate = 10 / 50
+        cascade_cost = cost("small") + rate * cost("big")
+        ev = f.evidence
+        assert ev["cascade"]["escalation_rate"] == pytest.approx(rate)
+        assert ev["cascade"]["outcomes"] == 50
+        assert ev["cascade"]["cost_per_request_usd"] == pytest.approx(cascade_cost)
+        assert ev["cascade"]["savings_per_request_usd"] == pytest.approx(cost("big") - cascade_cost)
+        # the LP's best (big + small at the boundary, small's mean over its 45 scores)
+        q_small = (40 * 0.86 + 5 * 0.2) / 45
+        x_big = (0.85 - q_small) / (0.95 - q_small)
+        lp_cost = x_big * cost("big") + (1 - x_big) * cost("small")
+        assert ev["lp"]["cost_per_request_usd"] == pytest.approx(lp_cost, rel=1e-6)
+        assert cascade_cost < lp_cost
+        assert ev["chosen"] == "cascade"
+        assert f.monthly_savings_usd == pytest.approx(per_month((cost("big") - cascade_cost) * 200))
+        assert f.action is not None and f.action.actuator == "gateway.cascade"
+        assert f.action.params["first"] == "small" and f.action.params["escalate_to"] == "big"
+        assert f.action.params["quality_threshold"] == 0.85
+        # a stricter bar fails the 0.86 answers too: every answer escalates, the LP wins
+        f = only_finding(run(store, quality_target=0.9))
+        assert f.evidence["cascade"]["escalation_rate"] == 1.0 and f.evidence["chosen"] == "lp"
+        # and the cascade can be switched off
+        assert only_finding(run(store, cascade=False)).evidence["cascade"] is None
+
+
+def test_evaluations_take_precedence_and_max_share_caps(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, standard())
+        store.write(
+            lambda con: con.execute(
+                "INSERT INTO model_evaluations VALUES "
+                "('small', 'answer', 0.80, 500, ?), ('small', 'answer', 0.90, 800, ?)",
+                [NOW - timedelta(days=2), NOW - timedelta(days=1)],  # the newest wins
+            )
+        )
+        f = only_finding(run(store))
+        small = next(c for c in f.evidence["candidates"] if c["model"] == "small")
+        assert (small["quality"], small["quality_source"], small["quality_samples"]) == (
+            0.90,
+            "evaluation",
+            800,
+        )
+        assert f.evidence["lp"]["shares"] == pytest.approx({"small": 1.0})
+        # at most half to any other model: the rest to the cheapest that keeps 0.85
+        f = only_finding(run(store, max_share=0.5))
+        assert f.evidence["lp"]["shares"] == pytest.approx({"small": 0.5, "mid": 0.5})
+        assert f.evidence["lp"]["cost_per_request_usd"] == pytest.approx(
+            0.5 * cost("small") + 0.5 * cost("mid")
+        )
+
+
+def test_candidates_option_adds_an_evaluated_model(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, standard())
+        store.write(
+            lambda con: con.execute(
+                "INSERT INTO model_evaluations VALUES ('tiny', 'answer', 0.9, NULL, ?)", [NOW]
+            )
+        )
+        f = only_finding(run(store))
+        assert "tiny" not in {c["model"] for c in f.evidence["candidates"]}  # never seen
+        f = only_finding(run(store, candidates=["p/tiny"]))
+    tiny = next(c for c in f.evidence["candidates"] if c["model"] == "tiny")
+    assert tiny["provider"] == "p" and tiny["cost_per_request_usd"] == pytest.approx(cost("tiny"))
+    assert f.evidence["lp"]["shares"] == pytest.approx({"tiny": 1.0})
+
+
+def test_self_hosted_candidate_costs_its_observed_rate(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, [*standard(), *events("other", "lab", "llama", 50, quality=0.9)])
+        f = only_finding(run(store, book=SELF_HOSTED_BOOK))
+    llama = next(c for c in f.evidence["candidates"] if c["model"] == "llama")
+    assert llama["cost_per_request_usd"] == pytest.approx(cost("llama"))
+    # llama (0.90) and small (0.70) at the 0.85 boundary beat llama alone
+    x_llama = (0.85 - 0.70) / (0.90 - 0.70)
+    assert f.evidence["lp"]["shares"] == pytest.approx(
+        {"llama": x_llama, "small": 1 - x_llama}, abs=1e-6
+    )
+    assert f.evidence["lp"]["cost_per_request_usd"] == pytest.approx(
+        x_llama * cost("llama") + (1 - x_llama) * cost("small")
+    )
+
+
+def test_ids_stable_second_run_updates(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, standard())
+        first = only_finding(run(store))
+        second = only_finding(run(store, now=NOW + timedelta(hours=1)))
+        assert first.id == second.id
+        (stored,) = stored_findings(store.cursor(), analyzer="routing")
+        assert stored["id"] == first.id and stored["times_seen"] == 2
+        assert stored["monthly_savings_usd"] == pytest.approx(second.monthly_savings_usd)
+        assert stored["action"]["actuator"] == "gateway.route"
+
+
+def _summary(findings: list[Finding]) -> list[tuple[Any, ...]]:
+    return sorted(
+        (
+            f.id,
+            round(f.monthly_savings_usd, 9),
+            f.evidence["chosen"],
+            tuple(sorted((m, round(s, 6)) for m, s in f.evidence["lp"]["shares"].items())),
+            tuple(sorted((c["model"], round(c["p95_ms"], 6)) for c in f.evidence["candidates"])),
+        )
+        for f in findings
+    )
+
+
+def _rows(store: Store, table: str) -> list[tuple[Any, ...]]:
+    """A table's rows, sorted, floats rounded (sums may add up in another order)."""
+    rows = store.cursor().execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall()
+    return [tuple(round(v, 9) if isinstance(v, float) else v for v in r) for r in rows]
+
+
+def test_incremental_equals_from_scratch(tmp_path: Path) -> None:
+    specs = standard()
+    more = [
+        *events("acme", "bot", "big", 80, quality=0.93, latency=1500.0),
+        *events("other", "lab", "mid", 30, quality=0.9, latency=800.0),
+        *events("other", "lab", "small", 40, quality=0.75, status="error"),
+    ]
+    later = NOW + timedelta(hours=2)
+    with Store(tmp_path / "inc.duckdb") as inc:
+        insert(inc, specs)
+        run(inc, latency_slo_ms=2000)
+        # new events, some on days already seen (merged into them), some on a new day
+        insert(inc, more, start=len(specs), day=2)
+        incremental = run(inc, now=later, latency_slo_ms=2000)
+        with Store(tmp_path / "full.duckdb") as full:
+            insert(full, specs)
+            insert(full, more, start=len(specs), day=2)
+            scratch = run(full, now=later, latency_slo_ms=2000)
+            assert _rows(inc, "routing_stats") == _rows(full, "routing_stats")
+            assert _rows(inc, "routing_daily") == _rows(full, "routing_daily")
+    assert incremental and _summary(incremental) == _summary(scratch)
+
+
+def test_events_ingested_after_the_spend_refresh_count_once(tmp_path: Path) -> None:
+    window = Window(NOW - timedelta(days=30), NOW)
+    first, second = standard()[:150], standard()[150:]
+    with Store(tmp_path / "inc.duckdb") as inc, Store(tmp_path / "full.duckdb") as full:
+        insert(inc, first)
+        inc.write(spend.refresh)
+        insert(inc, second, start=len(first))  # after the spend rollup, before routing
+        inc.write(lambda con: routing.refresh(con, window))
+        inc.write(spend.refresh)
+        inc.write(lambda con: routing.refresh(con, window))
+        insert(full, standard())
+        full.write(spend.refresh)
+        full.write(lambda con: routing.refresh(con, window))
+        assert _rows(inc, "routing_stats") == _rows(full, "routing_stats")
+        assert _rows(inc, "routing_daily") == _rows(full, "routing_daily")
