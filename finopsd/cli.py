@@ -308,6 +308,78 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from finopsd.analyzers.runner import build, run_analyzers
+    from finopsd.pricing import PriceBook
+    from finopsd.store import Store, StoreError
+
+    settings = _settings(args)
+    setup_logging(settings, args.debug)
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    try:
+        analyzers = build(settings.analyzers.options(), only)
+    except ValueError as exc:
+        print(f"finopsd: {exc}", file=sys.stderr)
+        return 2
+    window_days = args.window_days or settings.analyzers.window_days
+    try:
+        with Store(settings.store.path) as store:
+            runs = run_analyzers(
+                store, PriceBook.from_settings(settings.pricing), analyzers, window_days=window_days
+            )
+    except StoreError as exc:
+        msg = str(exc)
+        if "lock" in msg.lower():
+            msg = (
+                f"the store {settings.store.path} is held by a running finopsd, which runs the "
+                f"analyzers itself every {settings.analyzers.interval_minutes:g} minutes"
+            )
+        print(f"finopsd: {msg}", file=sys.stderr)
+        return 1
+    findings = sorted((f for r in runs for f in r.findings), key=lambda f: -f.monthly_savings_usd)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "window_days": window_days,
+                    "runs": [
+                        {
+                            "analyzer": r.name,
+                            "seconds": round(r.seconds, 3),
+                            "error": r.error,
+                            "findings": len(r.findings),
+                        }
+                        for r in runs
+                    ],
+                    "findings": [f.as_dict() for f in findings],
+                },
+                default=str,
+            )
+        )
+    else:
+        _print_findings(findings, runs)
+    return 1 if any(r.error for r in runs) else 0
+
+
+def _print_findings(findings: list[Any], runs: list[Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{len(findings)} finding(s), largest saving first")
+    for column in ("saving $/month", "kind", "scope", "confidence", "risk", "what"):
+        table.add_column(column, justify="right" if column.startswith("saving") else "left")
+    for f in findings:
+        scope = ", ".join(f"{k}={v}" for k, v in f.scope.items())
+        table.add_row(
+            f"{f.monthly_savings_usd:,.2f}", f.kind, scope, f"{f.confidence:.2f}", f.risk, f.title
+        )
+    console.print(table)
+    for r in runs:
+        status = f"failed: {r.error}" if r.error else f"{len(r.findings)} finding(s)"
+        console.print(f"  {r.name}: {status} in {r.seconds:.2f}s")
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from finopsd.pricing import spend_summary
     from finopsd.store import Store, StoreError
@@ -590,6 +662,19 @@ not in --format exits 2.""",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser(
+        "analyze",
+        parents=[common],
+        help="run the analyzers now and show their findings (daemon stopped)",
+        description="Run the analyzers over the last analyzers.window_days of the store, keep "
+        "their findings (updated by id, never repeated) and show them, the largest monthly "
+        "saving first. The daemon runs them on a schedule; this runs them on demand.",
+    )
+    p.add_argument("--only", metavar="NAME[,NAME]", help="run only these analyzers")
+    p.add_argument("--window-days", type=float, help="days to look back (default from config)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser(
         "export",

@@ -151,6 +151,34 @@ class StoreSettings(_Section):
     )
 
 
+class AnalyzersSettings(_Section):
+    """``[analyzers]``, plus one ``[analyzers.<name>]`` table of options per analyzer."""
+
+    model_config = ConfigDict(extra="allow", validate_default=True)
+
+    interval_minutes: float = Field(60, gt=0, description="how often the daemon runs them")
+    window_days: float = Field(30, gt=0, le=366, description="how far back each run looks")
+    first_run_delay_s: float = Field(
+        60, ge=0, le=86_400, description="after daemon start, before the first runs"
+    )
+
+    @model_validator(mode="after")
+    def _options(self) -> AnalyzersSettings:
+        extra = self.model_extra or {}
+        for name, table in extra.items():
+            if not isinstance(table, dict):
+                raise ValueError(f"{name}: expected a table [analyzers.{name}] of options")
+        if extra:
+            from finopsd.analyzers.runner import build
+
+            build(self.options())  # raises naming the unknown analyzer or option
+        return self
+
+    def options(self) -> dict[str, dict[str, Any]]:
+        """Options by analyzer name, from the ``[analyzers.<name>]`` tables."""
+        return {k: dict(v) for k, v in (self.model_extra or {}).items()}
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -215,6 +243,7 @@ class Settings(_Section):
     ingest: IngestSettings = IngestSettings()
     store: StoreSettings = StoreSettings()
     pricing: PricingSettings = PricingSettings()
+    analyzers: AnalyzersSettings = AnalyzersSettings()
     log: LogSettings = LogSettings()
 
     def redacted(self) -> dict[str, Any]:

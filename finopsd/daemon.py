@@ -98,6 +98,62 @@ class SelfHostedSettler(threading.Thread):
                 return
 
 
+class AnalyzerScheduler:
+    """Runs each enabled analyzer every ``interval_minutes`` (APScheduler 3, UTC, one at a time).
+
+    The first runs start ``analyzers.first_run_delay_s`` after the daemon; a failing run
+    is logged and the next one goes ahead; ingest is never held up by analysis.
+    """
+
+    def __init__(self, store: Store, prices: PriceBook, settings: Settings) -> None:
+        from apscheduler.events import EVENT_JOB_ERROR
+        from apscheduler.executors.pool import ThreadPoolExecutor
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        from finopsd.analyzers.runner import build
+
+        self.store = store
+        self.prices = prices
+        self.window_days = settings.analyzers.window_days
+        self.scheduler = BackgroundScheduler(
+            timezone=UTC, executors={"default": ThreadPoolExecutor(max_workers=1)}
+        )
+        self.scheduler.add_listener(self._on_error, EVENT_JOB_ERROR)
+        first = datetime.now(UTC) + timedelta(seconds=settings.analyzers.first_run_delay_s)
+        for analyzer in build(settings.analyzers.options()):
+            minutes = analyzer.options.interval_minutes or settings.analyzers.interval_minutes
+            self.scheduler.add_job(
+                self._run,
+                "interval",
+                args=[analyzer],
+                minutes=minutes,
+                next_run_time=first,
+                id=analyzer.name,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+            )
+
+    def _run(self, analyzer: Any) -> None:
+        from finopsd.analyzers.runner import run_analyzers
+
+        (run,) = run_analyzers(self.store, self.prices, [analyzer], window_days=self.window_days)
+        if run.error is None:
+            log.info(
+                "analyzer %s: %d finding(s) in %.2fs", run.name, len(run.findings), run.seconds
+            )
+
+    @staticmethod
+    def _on_error(event: Any) -> None:
+        log.error("scheduled analyzer run %s failed: %s", event.job_id, event.exception)
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.shutdown(wait=True)
+
+
 class Daemon:
     """finopsd's main job: ingest until told to stop."""
 
@@ -197,10 +253,13 @@ class Daemon:
             )
             settler = SelfHostedSettler(store, prices, s.pricing, self._stop)
             settler.start()
+            analysis = AnalyzerScheduler(store, prices, s)
+            analysis.start()
             try:
                 self._ingestor.run()
             finally:
                 self._stop.set()
+                analysis.stop()
                 settler.join()
                 producer.close(timeout=10)
             snap = self.stats.snapshot()

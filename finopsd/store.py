@@ -148,6 +148,203 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "analyzers: findings, runs, spend rollups",
+        """
+        CREATE TABLE findings (
+            id VARCHAR PRIMARY KEY,
+            analyzer VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,
+            scope JSON NOT NULL,
+            title VARCHAR NOT NULL,
+            evidence JSON NOT NULL,
+            window_start TIMESTAMPTZ NOT NULL,
+            window_end TIMESTAMPTZ NOT NULL,
+            monthly_savings_usd DOUBLE NOT NULL,
+            savings_method VARCHAR NOT NULL,
+            confidence DOUBLE NOT NULL,
+            risk VARCHAR NOT NULL,
+            action JSON,
+            first_seen TIMESTAMPTZ NOT NULL,
+            last_seen TIMESTAMPTZ NOT NULL,
+            times_seen INTEGER NOT NULL,
+            status VARCHAR NOT NULL
+        );
+        CREATE TABLE analyzer_runs (
+            analyzer VARCHAR NOT NULL,
+            ran_at TIMESTAMPTZ NOT NULL,
+            seconds DOUBLE NOT NULL,
+            findings INTEGER NOT NULL,
+            error VARCHAR
+        );
+        CREATE TABLE rollup_state (
+            name VARCHAR PRIMARY KEY,
+            watermark TIMESTAMPTZ
+        );
+        CREATE TABLE spend_hourly (
+            hour TIMESTAMPTZ NOT NULL,
+            tenant VARCHAR,
+            team VARCHAR,
+            app VARCHAR,
+            feature VARCHAR,
+            provider VARCHAR,
+            model VARCHAR NOT NULL,
+            deployment VARCHAR,
+            latency_class VARCHAR NOT NULL,
+            billing_mode VARCHAR NOT NULL,
+            status VARCHAR NOT NULL,
+            requests BIGINT NOT NULL,
+            input_tokens BIGINT NOT NULL,
+            output_tokens BIGINT NOT NULL,
+            cache_read_tokens BIGINT NOT NULL,
+            cache_write_tokens BIGINT NOT NULL,
+            cost_usd DOUBLE NOT NULL,
+            list_cost_usd DOUBLE NOT NULL,
+            unpriced_requests BIGINT NOT NULL,
+            latency_ms_sum DOUBLE NOT NULL,
+            quality_sum DOUBLE NOT NULL,
+            quality_n BIGINT NOT NULL
+        );
+        CREATE VIEW spend_daily AS
+        SELECT to_timestamp(floor(epoch(hour) / 86400) * 86400) AS day,
+               tenant, team, app, feature, provider, model, deployment,
+               latency_class, billing_mode, status,
+               sum(requests) AS requests, sum(input_tokens) AS input_tokens,
+               sum(output_tokens) AS output_tokens, sum(cache_read_tokens) AS cache_read_tokens,
+               sum(cache_write_tokens) AS cache_write_tokens, sum(cost_usd) AS cost_usd,
+               sum(list_cost_usd) AS list_cost_usd, sum(unpriced_requests) AS unpriced_requests,
+               sum(latency_ms_sum) AS latency_ms_sum, sum(quality_sum) AS quality_sum,
+               sum(quality_n) AS quality_n
+        FROM spend_hourly
+        GROUP BY ALL;
+        CREATE TABLE spend_forecast (  -- analyzers/forecast.py: month-end forecasts
+            month DATE NOT NULL,
+            tenant VARCHAR NOT NULL,  -- '*': all tenants
+            computed_at TIMESTAMPTZ NOT NULL,
+            month_to_date_usd DOUBLE NOT NULL,
+            forecast_usd DOUBLE NOT NULL,
+            low_usd DOUBLE NOT NULL,
+            high_usd DOUBLE NOT NULL,
+            level DOUBLE NOT NULL,
+            fit_days INTEGER NOT NULL,
+            slope_usd_per_day DOUBLE NOT NULL,
+            budget_usd DOUBLE,
+            PRIMARY KEY (month, tenant)
+        );
+        CREATE TABLE gpu_hourly (  -- analyzers/gpu.py: gpu_samples per deployment, hour, GPU
+            deployment VARCHAR NOT NULL,
+            hour TIMESTAMPTZ NOT NULL,
+            host VARCHAR NOT NULL,
+            gpu_index BIGINT NOT NULL,
+            samples BIGINT NOT NULL,
+            utilization_sum DOUBLE NOT NULL,
+            memory_samples BIGINT NOT NULL,
+            memory_ratio_sum DOUBLE NOT NULL
+        );
+        CREATE TABLE waste_retries (  -- analyzers/waste.py: requests re-sent after an error
+            event_id VARCHAR PRIMARY KEY,
+            ts TIMESTAMPTZ NOT NULL,
+            tenant VARCHAR,
+            app VARCHAR,
+            feature VARCHAR,
+            model VARCHAR NOT NULL,
+            status VARCHAR NOT NULL,
+            input_tokens BIGINT NOT NULL,
+            output_tokens BIGINT NOT NULL,
+            cost_usd DOUBLE,
+            gap_s DOUBLE NOT NULL  -- seconds since the latest error with the same prompt
+        );
+        CREATE TABLE model_evaluations (  -- offline eval results; analyzers/routing.py reads
+            model VARCHAR NOT NULL,
+            feature VARCHAR,
+            quality DOUBLE NOT NULL,  -- mean quality score, 0..1
+            samples BIGINT,
+            updated_at TIMESTAMPTZ NOT NULL
+        );
+        CREATE TABLE routing_stats (  -- analyzers/routing.py: latency/outcome histograms
+            day TIMESTAMPTZ NOT NULL,
+            model VARCHAR NOT NULL,
+            feature VARCHAR,
+            metric VARCHAR NOT NULL,  -- 'latency': floor(ln ms * 20), 'quality': floor(q * 100)
+            bucket INTEGER NOT NULL,  -- quality bucket -1: status error
+            n DOUBLE NOT NULL  -- events (scaled up when the first build sampled)
+        );
+        CREATE TABLE routing_daily (  -- analyzers/routing.py: spend_hourly per day and scope
+            day TIMESTAMPTZ NOT NULL,
+            tenant VARCHAR,
+            app VARCHAR,
+            feature VARCHAR NOT NULL,
+            model VARCHAR NOT NULL,
+            provider VARCHAR,
+            deployment VARCHAR,
+            requests BIGINT NOT NULL,
+            input_tokens BIGINT NOT NULL,
+            output_tokens BIGINT NOT NULL,
+            cache_read_tokens BIGINT NOT NULL,
+            cache_write_tokens BIGINT NOT NULL,
+            cost_usd DOUBLE NOT NULL,
+            list_cost_usd DOUBLE NOT NULL,
+            quality_sum DOUBLE NOT NULL,
+            quality_n BIGINT NOT NULL,
+            priced_cost_usd DOUBLE NOT NULL,  -- over hours without unpriced requests
+            priced_tokens BIGINT NOT NULL  -- their input + output tokens
+        );
+        CREATE TABLE batch_hourly (  -- analyzers/batch.py: standard-billed spend_hourly
+            hour TIMESTAMPTZ NOT NULL,
+            tenant VARCHAR,
+            app VARCHAR,
+            feature VARCHAR,  -- feature, provider, model, deployment: NULL for interactive
+            provider VARCHAR,
+            model VARCHAR,
+            deployment VARCHAR,
+            latency_class VARCHAR NOT NULL,
+            requests BIGINT NOT NULL,
+            cost_usd DOUBLE NOT NULL,
+            unpriced_requests BIGINT NOT NULL
+        );
+        CREATE TABLE caching_response_hourly (  -- analyzers/caching.py: exact prompt repeats
+            hour TIMESTAMPTZ NOT NULL,
+            tenant VARCHAR,
+            app VARCHAR,
+            feature VARCHAR,
+            deployment VARCHAR,  -- set: self-hosted, priced from deployment_hours when read
+            requests BIGINT NOT NULL,  -- requests with a prompt_hash
+            cost_usd DOUBLE NOT NULL,  -- their known cost (API requests only)
+            tokens BIGINT NOT NULL,  -- their input + output tokens
+            repeat_requests BIGINT NOT NULL,  -- answered successfully before, within the TTL
+            repeat_cost_usd DOUBLE NOT NULL,
+            repeat_tokens BIGINT NOT NULL,
+            repeat_unpriced BIGINT NOT NULL  -- API repeats without a cost
+        );
+        CREATE TABLE caching_prompts (  -- analyzers/caching.py: last good answer per prompt key
+            k UBIGINT NOT NULL,  -- hash(tenant, app, feature, model, prompt_hash)
+            last_ok TIMESTAMPTZ NOT NULL  -- only keys still within the TTL are kept
+        );
+        CREATE TABLE caching_prefix_hourly (  -- analyzers/caching.py: prefix-cache hit tokens
+            hour TIMESTAMPTZ NOT NULL,
+            provider VARCHAR,
+            model VARCHAR NOT NULL,
+            deployment VARCHAR,
+            billing_mode VARCHAR NOT NULL,
+            requests BIGINT NOT NULL,  -- requests with prefix_hashes
+            input_tokens BIGINT NOT NULL,
+            cache_read_tokens BIGINT NOT NULL,
+            unbounded_hit_tokens BIGINT NOT NULL,
+            unbounded_extra_tokens BIGINT NOT NULL,  -- hits beyond the request's cache reads
+            lru_hit_tokens BIGINT NOT NULL,
+            lru_extra_tokens BIGINT NOT NULL
+        );
+        CREATE TABLE caching_blocks (  -- analyzers/caching.py: unbounded cache, blocks seen
+            scope BIGINT NOT NULL,  -- the cache: 64-bit BLAKE2b of "model=..."/"deployment=..."
+            block BIGINT NOT NULL
+        );
+        CREATE TABLE caching_lru (  -- analyzers/caching.py: LRU caches = top blocks by seq
+            scope BIGINT NOT NULL,
+            block BIGINT NOT NULL,
+            seq BIGINT NOT NULL  -- an access number; a block's latest row is its last access
+        );
+        """,
+    ),
 ]
 """Schema migrations, applied in order; a migration's version is its position + 1.
 Never edit a released migration: append a new one.
