@@ -367,8 +367,12 @@ def _print_findings(findings: list[Any], runs: list[Any]) -> None:
 
     console = Console()
     table = Table(title=f"{len(findings)} finding(s), largest saving first")
-    for column in ("saving $/month", "kind", "scope", "confidence", "risk", "what"):
-        table.add_column(column, justify="right" if column.startswith("saving") else "left")
+    table.add_column("saving $/month", justify="right", no_wrap=True)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("scope")
+    table.add_column("conf.", justify="right", no_wrap=True)
+    table.add_column("risk", no_wrap=True)
+    table.add_column("what", ratio=1)
     for f in findings:
         scope = ", ".join(f"{k}={v}" for k, v in f.scope.items())
         table.add_row(
