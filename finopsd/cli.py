@@ -322,6 +322,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(f"finopsd: {exc}", file=sys.stderr)
         return 2
     window_days = args.window_days or settings.analyzers.window_days
+    if not settings.store.path.exists():
+        print(
+            f"finopsd: no store at {settings.store.path} (store.path): run the daemon first",
+            file=sys.stderr,
+        )
+        return 1
     try:
         with Store(settings.store.path) as store:
             runs = run_analyzers(

@@ -250,6 +250,11 @@ def test_analyze_command(tmp_path: Path) -> None:
     assert [r["analyzer"] for r in out["runs"]] == ["spend"] and out["findings"] == []
     with Store(path, read_only=True) as store:
         assert store.cursor().execute("SELECT sum(requests) FROM spend_hourly").fetchone() == (1,)
+    missing = tmp_path / "missing.toml"
+    missing.write_text(f"[store]\npath = '{tmp_path / 'none.duckdb'}'\n")
+    nothing = _cli("analyze", "--config", str(missing))
+    assert nothing.returncode == 1 and "no store at" in nothing.stderr
+    assert not (tmp_path / "none.duckdb").exists()
     bad = _cli("analyze", "--only", "nope", "--config", str(config))
     assert bad.returncode == 2 and "unknown analyzer 'nope'" in bad.stderr
     with Store(path):  # a running daemon holds the file like this
