@@ -18,7 +18,7 @@ import argparse
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from finopsd.analyzers.runner import build, run_analyzers
@@ -62,7 +62,7 @@ def generate(store: Store, *, start: datetime, events: int, seconds: float, firs
     rows = []
     for provider, model, _dep, _w in MODELS:
         key = prices.resolve(provider, model, model)
-        price = next((p for p in reversed(prices.prices) if p.key == key), None)
+        price = prices.price_at(key, date.max) if key else None
         rows.append(
             (
                 provider,

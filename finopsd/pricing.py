@@ -46,6 +46,8 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
+from finopsd.store import utc_floor
+
 log = logging.getLogger(__name__)
 
 PER_MILLION = 1_000_000
@@ -277,22 +279,27 @@ class PriceBook:
                     entry.model_dump(), where=f"pricing.prices[{i}]", source="config"
                 )
             )
-        deployments = []
-        for i, d in enumerate(settings.deployments):
-            rate = d.gpu_hour_usd
-            if rate is None:
-                rate = settings.gpu_hour_usd.get(d.gpu_type)
-            if rate is None:
-                known = ", ".join(sorted(settings.gpu_hour_usd)) or "none"
-                raise PricingError(
-                    f"pricing.deployments[{i}] ({d.name}): no price for GPU type "
-                    f"{d.gpu_type!r}; set pricing.gpu_hour_usd.{d.gpu_type} or "
-                    f"pricing.deployments[{i}].gpu_hour_usd (priced types: {known})"
-                )
-            deployments.append(Deployment(d.name, d.gpu_type, d.gpus, rate))
+        # PricingSettings has checked that every deployment's GPU type has a rate
+        deployments = [
+            Deployment(
+                d.name,
+                d.gpu_type,
+                d.gpus,
+                d.gpu_hour_usd if d.gpu_hour_usd is not None else settings.gpu_hour_usd[d.gpu_type],
+            )
+            for d in settings.deployments
+        ]
         return cls(prices, deployments, disagreement_tolerance=settings.disagreement_tolerance)
 
     # -- matching ---------------------------------------------------------------------
+
+    def price_at(self, key: str, on: date) -> Price | None:
+        """The price of ``key`` ("provider/model") in effect on ``on``; None before its first."""
+        found = None
+        for p in self.prices:  # sorted by key, then effective_from
+            if p.key == key and p.effective_from <= on:
+                found = p
+        return found
 
     def resolve(
         self,
@@ -405,20 +412,16 @@ class PriceBook:
             pl.col("provider"),
             pl.col("request_model"),
         )
-        out = out.with_columns(
-            pl.sum_horizontal(
-                "input_cost_usd", "cached_input_cost_usd", "cache_write_cost_usd", "output_cost_usd"
-            )
-            .cast(pl.Float64)
-            .alias("list_cost_usd")
-        ).with_columns(
-            pl.when(pl.col("discount_rate").is_null())
-            .then(None)
-            .otherwise(pl.col("list_cost_usd"))
-            .alias("list_cost_usd")
+        # a null meter (no price) makes the sums null too: unpriced, not free
+        list_cost = (
+            pl.col("input_cost_usd")
+            + pl.col("cached_input_cost_usd")
+            + pl.col("cache_write_cost_usd")
+            + pl.col("output_cost_usd")
         )
         out = out.with_columns(
-            (pl.col("list_cost_usd") * (1 - pl.col("discount_rate"))).alias("cost_usd")
+            list_cost.alias("list_cost_usd"),
+            (list_cost * (1 - pl.col("discount_rate"))).alias("cost_usd"),
         )
         unpriced = out.filter(pl.col("price_source").is_null())
         if unpriced.height:
@@ -472,7 +475,7 @@ def settle_self_hosted(
     start = end - lookback
     now = datetime.now(UTC)
     settled = 0
-    hour = "to_timestamp(floor(epoch(ts) / 3600) * 3600)"  # the UTC hour, whatever TimeZone says
+    hour = utc_floor("ts", 3600)
     for d in deployments:
         rows = con.execute(
             f"""
@@ -521,7 +524,7 @@ def settle_self_hosted(
             FROM deployment_hours h
             WHERE e.deployment = $name AND h.deployment = $name
               AND e.ts >= $start AND e.ts < $end
-              AND h.hour = to_timestamp(floor(epoch(e.ts) / 3600) * 3600) AND h.tokens > 0
+              AND h.hour = {utc_floor("e.ts", 3600)} AND h.tokens > 0
             """,
             {"name": d.name, "start": start, "end": end},
         )

@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+
+def utc_floor(expr: str, seconds: int) -> str:
+    """SQL: the TIMESTAMPTZ ``expr`` floored to a multiple of ``seconds`` since the epoch
+    (3600: its UTC hour), whatever the connection's TimeZone says."""
+    return f"to_timestamp(floor(epoch({expr}) / {seconds}) * {seconds})"
+
+
 MIGRATIONS: list[tuple[str, str]] = [
     (
         "usage events, gpu samples, dead letters, ingest offsets",

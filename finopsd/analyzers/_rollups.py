@@ -47,11 +47,7 @@ def price_now(
     key = prices.resolve(provider, None, model, deployment)
     if key is None or key.startswith(f"{SELF_HOSTED}/"):
         return None
-    found = None
-    for p in prices.prices:  # sorted by key, then effective_from
-        if p.key == key and p.effective_from <= on:
-            found = p
-    return found
+    return prices.price_at(key, on)
 
 
 def watermark(con: duckdb.DuckDBPyConnection, name: str) -> datetime | None:

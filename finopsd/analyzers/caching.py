@@ -119,6 +119,7 @@ from finopsd.analyzers.base import (
     register,
 )
 from finopsd.pricing import PER_MILLION, PriceBook
+from finopsd.store import utc_floor
 
 NAME = "caching"
 SINCE = "caching.since"
@@ -128,7 +129,16 @@ NONE = "(none)"
 NO_TIME = np.iinfo(np.int64).min
 """No such time (microseconds since the epoch)."""
 
-_HOUR = "to_timestamp(floor(epoch(ts) / 3600) * 3600)"
+_HOUR = utc_floor("ts", 3600)
+
+_COVERED_HOURS = f"hour >= {utc_floor('$lo::TIMESTAMPTZ', 3600)} AND hour < $hi"
+"""SQL filter: the hourly state rows of the span [$lo, $hi) a finding covers."""
+
+_RATE = """rate AS (
+    SELECT deployment, hour, cost_usd / tokens AS usd_per_token
+    FROM deployment_hours WHERE tokens > 0 AND hour >= $lo - INTERVAL 1 HOUR AND hour < $hi
+)"""
+"""SQL CTE ``rate``: each settled deployment-hour's cost per token."""
 _SCOPE = (
     "CASE WHEN deployment IS NOT NULL THEN 'deployment=' || deployment "
     "ELSE 'model=' || coalesce(provider, '') || ' ' || request_model END"
@@ -697,17 +707,9 @@ class Caching(Analyzer):
     def _response_findings(self, ctx: Context, covered: Window) -> list[Finding]:
         opts = self.opts
         rows = ctx.con.execute(
-            """
-            WITH r AS (
-                SELECT * FROM caching_response_hourly
-                WHERE hour >= to_timestamp(floor(epoch($lo::TIMESTAMPTZ) / 3600) * 3600)
-                  AND hour < $hi
-            ),
-            rate AS (
-                SELECT deployment, hour, cost_usd / tokens AS usd_per_token
-                FROM deployment_hours WHERE tokens > 0 AND hour >= $lo - INTERVAL 1 HOUR
-                  AND hour < $hi
-            )
+            f"""
+            WITH r AS (SELECT * FROM caching_response_hourly WHERE {_COVERED_HOURS}),
+            {_RATE}
             SELECT tenant, app, feature, sum(requests), sum(repeat_requests),
                    sum(CASE WHEN r.deployment IS NULL THEN r.cost_usd
                             ELSE r.tokens * rate.usd_per_token END),
@@ -773,17 +775,9 @@ class Caching(Analyzer):
     def _prefix_findings(self, ctx: Context, covered: Window) -> list[Finding]:
         opts = self.opts
         rows = ctx.con.execute(
-            """
-            WITH p AS (
-                SELECT * FROM caching_prefix_hourly
-                WHERE hour >= to_timestamp(floor(epoch($lo::TIMESTAMPTZ) / 3600) * 3600)
-                  AND hour < $hi
-            ),
-            rate AS (
-                SELECT deployment, hour, cost_usd / tokens AS usd_per_token
-                FROM deployment_hours WHERE tokens > 0 AND hour >= $lo - INTERVAL 1 HOUR
-                  AND hour < $hi
-            )
+            f"""
+            WITH p AS (SELECT * FROM caching_prefix_hourly WHERE {_COVERED_HOURS}),
+            {_RATE}
             SELECT CASE WHEN p.deployment IS NULL THEN p.provider END AS provider,
                    CASE WHEN p.deployment IS NULL THEN p.model END AS model,
                    p.deployment, billing_mode,

@@ -65,11 +65,12 @@ from finopsd.analyzers.base import (
     monthly,
     register,
 )
-from finopsd.pricing import PER_MILLION, Price, PriceBook, cost_per_million_tokens
+from finopsd.pricing import PER_MILLION, PriceBook, cost_per_million_tokens
+from finopsd.store import utc_floor
 
 log = logging.getLogger(__name__)
 
-_HOUR = "to_timestamp(floor(epoch(ts) / 3600) * 3600)"
+_HOUR = utc_floor("ts", 3600)
 
 _ROLLUP = f"""
     SELECT deployment, {_HOUR} AS hour, host, gpu_index,
@@ -207,15 +208,6 @@ def _round_up(n: float, multiple: int) -> int:
     """``n`` rounded up to a whole multiple of ``multiple``, at least one multiple."""
     units = max(1, math.ceil(n / multiple - 1e-9))
     return units * multiple
-
-
-def price_at(prices: PriceBook, key: str, at: datetime) -> Price | None:
-    """The price of ``key`` ("provider/model") in effect at ``at`` (None: none)."""
-    found = None
-    for p in prices.prices:  # sorted by key, then effective_from
-        if p.key == key and p.effective_from <= at.date():
-            found = p
-    return found
 
 
 @register
@@ -579,7 +571,7 @@ def _api_per_million(
     if not model:
         provider, model = "", candidate
     key = prices.resolve(provider or None, model, model)
-    price = price_at(prices, key, at) if key else None
+    price = prices.price_at(key, at.date()) if key else None
     if price is None or inp + out <= 0:
         return None
     cached_rate = (

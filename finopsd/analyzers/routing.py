@@ -112,6 +112,7 @@ from finopsd.analyzers.base import (
     register,
 )
 from finopsd.pricing import PER_MILLION, SELF_HOSTED, PriceBook
+from finopsd.store import utc_floor
 
 NAME = "routing"
 LATENCY_SCALE = 20
@@ -121,7 +122,7 @@ QUALITY_SCALE = 100
 KEEP_DAYS = 7
 """``routing_stats`` keeps this many days before the window start."""
 
-_DAY = "to_timestamp(floor(epoch(ts) / 86400) * 86400)"
+_DAY = utc_floor("ts", 86400)
 _LATENCY_BUCKET = f"floor(ln(greatest(latency_ms, 1.0)) * {LATENCY_SCALE})::INTEGER"
 _QUALITY_BUCKET = (
     "CASE WHEN status = 'error' THEN -1 "
@@ -182,8 +183,8 @@ def _day_floor(t: datetime) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
 
-_DAILY = """
-    SELECT to_timestamp(floor(epoch(hour) / 86400) * 86400) AS day,
+_DAILY = f"""
+    SELECT {utc_floor("hour", 86400)} AS day,
            tenant, app, feature, model, provider, deployment,
            sum(requests), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),
            sum(cache_write_tokens), sum(cost_usd), sum(list_cost_usd),
@@ -191,7 +192,7 @@ _DAILY = """
            coalesce(sum(cost_usd) FILTER (WHERE unpriced_requests = 0), 0),
            coalesce(sum(input_tokens + output_tokens) FILTER (WHERE unpriced_requests = 0), 0)
     FROM spend_hourly
-    WHERE feature IS NOT NULL AND {where}
+    WHERE feature IS NOT NULL AND {{where}}
     GROUP BY ALL
 """
 """``routing_daily``: ``spend_hourly`` per UTC day × tenant × app × feature × model."""

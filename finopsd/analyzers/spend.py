@@ -18,6 +18,7 @@ from typing import ClassVar
 import duckdb
 
 from finopsd.analyzers.base import Analyzer, Context, Finding, register
+from finopsd.store import utc_floor
 
 DIMENSIONS = (
     "tenant",
@@ -33,7 +34,7 @@ DIMENSIONS = (
 )
 """The rollup's grouping columns besides ``hour`` (``model`` is the requested model)."""
 
-_HOUR = "to_timestamp(floor(epoch(ts) / 3600) * 3600)"
+_HOUR = utc_floor("ts", 3600)
 
 _SELECT = f"""
     SELECT {_HOUR} AS hour, tenant, team, app, feature, provider, request_model AS model,

@@ -61,7 +61,6 @@ from finopsd.analyzers.base import (
     monthly,
     register,
 )
-from finopsd.analyzers.gpu import price_at
 from finopsd.pricing import PER_MILLION, SELF_HOSTED
 
 NO_TAG = "(none)"
@@ -406,7 +405,7 @@ class Waste(Analyzer):
                 both = r.input_tokens + r.output_tokens
                 unit = r.cost_usd / both if both else 0.0
             elif key is not None:
-                price = price_at(ctx.prices, key, ctx.window.end)
+                price = ctx.prices.price_at(key, ctx.window.end.date())
                 if price is not None:
                     discount = price.batch_discount if r.billing_mode == "batch" else 0.0
                     unit = price.input_per_mtok / PER_MILLION * (1 - discount)
@@ -510,7 +509,7 @@ class Waste(Analyzer):
             if mean_out > opts.finetune_max_output_tokens:
                 continue
             key = ctx.prices.resolve(provider, model, model)
-            price = price_at(ctx.prices, key, ctx.window.end) if key else None
+            price = ctx.prices.price_at(key, ctx.window.end.date()) if key else None
             if price is None or price.input_per_mtok < opts.finetune_min_input_per_mtok:
                 continue
             small_cost = (
