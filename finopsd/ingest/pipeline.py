@@ -40,13 +40,11 @@ from kafka.structs import OffsetAndMetadata, TopicPartition
 from finopsd.events import UsageEvent, _Event
 from finopsd.ingest.decode import Reject
 from finopsd.ingest.formats import Decoder
+from finopsd.ingest.records import FetchedRecord, RecordBlock, Records, install, read_blocks
 from finopsd.pricing import PriceBook, PricingStats
 from finopsd.store import DeadLetterRow, Store, StoreBatch
 
 log = logging.getLogger(__name__)
-
-GIL_PIECE = 2048
-"""Records copied into Arrow per call: each call holds the GIL, so it stays short."""
 
 HEADER_PREFIX = "finopsd-"
 """Dead-letter headers: finopsd-reason, finopsd-detail, finopsd-source-{topic,partition,offset}."""
@@ -58,11 +56,11 @@ class WorkerFailed(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
-    """Records of one partition from one poll, in offset order."""
+    """Record batches of one partition from one poll, in offset order, not yet opened."""
 
     topic: str
     partition: int
-    records: list[Any]  # kafka ConsumerRecord
+    blocks: list[RecordBlock]
 
 
 @dataclass(slots=True)
@@ -144,10 +142,9 @@ class _Batch:
     """Decoded rows, rejects and next offsets waiting to be stored together."""
 
     def __init__(self) -> None:
-        self.records: dict[str, list[list[Any]]] = {}  # topic -> chunks of records
-        self.values: dict[str, list[pa.Array]] = {}  # topic -> their values, in pieces
+        self.records: dict[str, list[Records]] = {}  # topic -> opened chunks
         self.frames: dict[str, list[pa.Table]] = {}  # table -> decoded rows
-        self.dead: list[tuple[Any, Reject]] = []
+        self.dead: list[tuple[FetchedRecord, Reject]] = []
         self.offsets: dict[tuple[str, int], int] = {}
         self.count = 0
         self.opened = time.monotonic()
@@ -289,18 +286,14 @@ class IngestWorker:
                     return
 
     def _add(self, batch: _Batch, chunk: Chunk) -> None:
-        records = chunk.records
-        if not records:
+        if not chunk.blocks:
             return
+        records = read_blocks(chunk.blocks)
         if not batch.count:
             batch.opened = time.monotonic()
-        batch.records.setdefault(chunk.topic, []).append(records)
-        pieces = batch.values.setdefault(chunk.topic, [])
-        values = [r.value or b"" for r in records]
-        # Each copy into Arrow holds the GIL; short pieces let the polling thread in between.
-        for start in range(0, len(values), GIL_PIECE):
-            pieces.append(pa.array(values[start : start + GIL_PIECE], type=pa.large_binary()))
-        batch.offsets[(chunk.topic, chunk.partition)] = records[-1].offset + 1
+        if len(records):
+            batch.records.setdefault(chunk.topic, []).append(records)
+        batch.offsets[(chunk.topic, chunk.partition)] = records.next_offset
         batch.count += len(records)
 
     def _close(self, batch: _Batch) -> _Batch:
@@ -313,7 +306,7 @@ class IngestWorker:
         """Decode a closed batch in one pass per topic: few GIL hand-offs per record."""
         for topic, chunks in batch.records.items():
             route = self.routes[topic]
-            values = pa.concat_arrays(batch.values[topic])
+            values = pa.concat_arrays([c.values for c in chunks])
             rows, rejects = route.decoder.decode(values)
             if rows.num_rows and self.prices is not None and route.model is UsageEvent:
                 rows, pricing = self.prices.price(rows)
@@ -324,13 +317,8 @@ class IngestWorker:
                 starts = list(itertools.accumulate((len(c) for c in chunks), initial=0))
                 for r in rejects:
                     k = bisect.bisect_right(starts, r.index) - 1
-                    batch.dead.append((chunks[k][r.index - starts[k]], r))
-            # Freeing a whole batch of records at once would hold the GIL for long: free
-            # them a chunk at a time.
-            while chunks:
-                chunks.pop()
+                    batch.dead.append((chunks[k].record(r.index - starts[k]), r))
         batch.records = {}
-        batch.values = {}
 
     def _store_loop(self) -> None:
         while self._error is None:
@@ -401,7 +389,7 @@ class DeadLetterSink:
         self.topic = topic
         self.timeout_s = timeout_s
 
-    def send(self, items: list[tuple[Any, Reject]]) -> None:
+    def send(self, items: list[tuple[FetchedRecord, Reject]]) -> None:
         futures = []
         for record, reject in items:
             headers = list(record.headers or [])
@@ -426,7 +414,7 @@ class DeadLetterSink:
             except MessageSizeTooLargeError:  # the broker's limit is lower than ours
                 self._send_without_value(record, headers).get(timeout=self.timeout_s)
 
-    def _send_without_value(self, record: Any, headers: list) -> Any:
+    def _send_without_value(self, record: FetchedRecord, headers: list) -> Any:
         """The record is too large for the dead-letter topic: send its headers, no value."""
         size = len(record.value or b"")
         log.warning(
@@ -488,14 +476,15 @@ class Ingestor:
 
     def run(self) -> None:
         consumer = self.consumer = self._consumer_factory()
+        install(consumer)  # poll() returns record batches, opened by the worker
         consumer.subscribe(self.topics, listener=_Rebalance(self))
         try:
             while not self._stop.is_set():
                 polled = consumer.poll(timeout_ms=200, max_records=self.max_poll_records)
                 self._settle_positions()
-                for tp, records in polled.items():
-                    self.worker.submit(Chunk(tp.topic, tp.partition, records))
-                    self.polled += len(records)
+                for tp, blocks in polled.items():
+                    self.worker.submit(Chunk(tp.topic, tp.partition, blocks))
+                    self.polled += sum(b.count_hint for b in blocks)
                 self._commit(self.worker.take_stored_offsets())
                 self.worker.check()
                 if self.on_poll is not None:
