@@ -146,7 +146,12 @@ def finopsd_ingest(bootstrap: str, events: int, settings: Settings, round_no: in
     config.update(group_id=f"bench-{round_no}-{time.time_ns()}")
     with (
         tempfile.TemporaryDirectory() as tmp,
-        Store(Path(tmp) / "bench.duckdb", threads=settings.store.threads) as store,
+        Store(
+            Path(tmp) / "bench.duckdb",
+            threads=settings.store.daemon_threads,
+            memory_limit=settings.store.memory_limit,
+            vacuum_tasks=settings.store.vacuum_tasks,
+        ) as store,
     ):
         window = timedelta(hours=settings.ingest.dedup_window_hours)
         worker = IngestWorker(

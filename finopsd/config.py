@@ -119,7 +119,7 @@ def _known_format(name: str) -> str:
 
 
 class IngestSettings(_Section):
-    batch_max_events: int = Field(50_000, ge=1)
+    batch_max_events: int = Field(131_072, ge=1)
     batch_max_age_ms: int = Field(1_000, ge=1)
     max_record_bytes: int = Field(1 << 20, ge=256)
     queue_chunks: int = Field(8, ge=1, le=1024)
@@ -146,6 +146,8 @@ class IngestSettings(_Section):
 class StoreSettings(_Section):
     path: Path = Path("data/finopsd.duckdb")
     threads: int | None = Field(None, ge=1)
+    daemon_threads: int = Field(1, ge=1)
+    vacuum_tasks: int = Field(0, ge=0)
     memory_limit: str | None = Field(
         None, pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$"
     )

@@ -183,7 +183,10 @@ class Daemon:
         with (
             kafka_endpoint(s) as bootstrap,
             Store(
-                s.store.path, threads=s.store.threads, memory_limit=s.store.memory_limit
+                s.store.path,
+                threads=s.store.daemon_threads,
+                memory_limit=s.store.memory_limit,
+                vacuum_tasks=s.store.vacuum_tasks,
             ) as store,
         ):
             self.bootstrap = bootstrap

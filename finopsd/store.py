@@ -409,11 +409,14 @@ class Store:
         read_only: bool = False,
         threads: int | None = None,
         memory_limit: str | None = None,
+        vacuum_tasks: int | None = None,
     ) -> None:
         self.path = Path(path)
         config: dict[str, str | int] = {}
         if threads:
             config["threads"] = threads
+        if vacuum_tasks is not None:
+            config["max_vacuum_tasks"] = vacuum_tasks
         if memory_limit:
             config["memory_limit"] = memory_limit
         if not read_only:

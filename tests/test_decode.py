@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -691,3 +692,22 @@ def test_store_schema_matches_store_table(model: type[_Event], tmp_path: Path) -
     assert {f.name: _DUCKDB_TYPES[str(f.type)] for f in schema} == columns
     for name in schema.names:
         assert nullable[name] == _nullable(model, name), name
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(
+            st.binary(max_size=30),
+            st.sampled_from(
+                [b'{"a":"\\ud83d"}', b'{"a":"\\UD800"}', b"{\n}", b"x\\u", b"\\", b"ud", b"d"]
+            ),
+        ),
+        max_size=20,
+    ),
+    cut=st.integers(0, 5),
+)
+def test_newline_and_surrogate_scan_names_the_right_values(values: list[bytes], cut: int) -> None:
+    array = pa.array(values, type=pa.large_binary()).slice(min(cut, len(values)))
+    expected = [b"\n" in v or b"\\ud" in v.lower() for v in values[min(cut, len(values)) :]]
+    assert decode._newline_or_surrogate(array).to_pylist() == expected

@@ -480,3 +480,16 @@ def test_upgrade_from_version_1_survives_a_crash(tmp_path: Path) -> None:
             .fetchall()
         )
     assert rows == [("new", None, "standard", None), ("old", 0.5, "standard", None)]
+
+
+def test_store_settings_reach_duckdb(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.duckdb", threads=1, vacuum_tasks=0) as store:
+        settings = dict(
+            store.cursor()
+            .execute(
+                "SELECT name, value FROM duckdb_settings() "
+                "WHERE name IN ('threads', 'max_vacuum_tasks')"
+            )
+            .fetchall()
+        )
+    assert settings == {"threads": "1", "max_vacuum_tasks": "0"}

@@ -3,12 +3,14 @@
 Two threads, each a small step with one contract:
 
 ``IngestWorker`` (a decode thread and a store thread) takes polled chunks of
-records, decodes them (polars, without the GIL), batches them by count or age,
-sends rejects to the dead-letter topic, and stores each batch — rows, dead
-letters and next offsets in one DuckDB transaction.
+record batches, opens and decodes them (numpy and Arrow, without a Python
+object per record), batches them by count or age, prices them, sends rejects
+to the dead-letter topic, and stores each batch — rows, dead letters and next
+offsets in one DuckDB transaction.
 
 ``Ingestor`` (the calling thread) owns the Kafka consumer, which is not
-thread-safe: it polls, submits chunks to the worker, commits the offsets the
+thread-safe: it polls record batches unopened (``records.install``), submits
+chunks of them to the worker, commits the offsets the
 worker has stored back to Kafka (``commit_async``; Kafka's copy is advisory,
 the store's is the truth), and handles rebalances: before partitions are
 revoked it waits until the worker has stored everything in flight; on
@@ -45,6 +47,9 @@ from finopsd.pricing import PriceBook, PricingStats
 from finopsd.store import DeadLetterRow, Store, StoreBatch
 
 log = logging.getLogger(__name__)
+
+DECODE_PIECE = 16384
+"""Records decoded together as they arrive, so a closing batch has little left to decode."""
 
 HEADER_PREFIX = "finopsd-"
 """Dead-letter headers: finopsd-reason, finopsd-detail, finopsd-source-{topic,partition,offset}."""
@@ -142,7 +147,8 @@ class _Batch:
     """Decoded rows, rejects and next offsets waiting to be stored together."""
 
     def __init__(self) -> None:
-        self.records: dict[str, list[Records]] = {}  # topic -> opened chunks
+        self.pending: dict[str, list[Records]] = {}  # topic -> opened chunks, not decoded yet
+        self.pending_count: Counter[str] = Counter()
         self.frames: dict[str, list[pa.Table]] = {}  # table -> decoded rows
         self.dead: list[tuple[FetchedRecord, Reject]] = []
         self.offsets: dict[tuple[str, int], int] = {}
@@ -153,9 +159,10 @@ class _Batch:
 class IngestWorker:
     """Decode, batch and store chunks, on two threads of its own.
 
-    The decode thread gathers chunks into a batch, closes it by count or age
-    and decodes it in one pass (polars, without the GIL); the store thread
-    writes decoded batches, so gathering and decoding go on while a batch
+    The decode thread opens each chunk (``records.read_blocks``), decodes and
+    prices every ``DECODE_PIECE`` records of a topic as they gather, and
+    closes the batch by count or age; the store thread deduplicates and
+    writes closed batches, so gathering and decoding go on while a batch
     commits.
 
     ``submit(chunk)`` blocks while ``queue_chunks`` chunks wait (backpressure)
@@ -185,7 +192,9 @@ class IngestWorker:
         self.batch_max_age_s = batch_max_age_s
         self.stats = stats or IngestStats()
         self._chunks: queue.Queue[object] = queue.Queue(maxsize=queue_chunks)
-        self._batches: queue.Queue[object] = queue.Queue(maxsize=2)
+        # one closed batch waits while another is stored: no deeper, or the store falls
+        # behind and a stop has to wait for it
+        self._batches: queue.Queue[object] = queue.Queue(maxsize=1)
         self._stored: dict[tuple[str, int], int] = {}
         self._stored_lock = threading.Lock()
         self._error: BaseException | None = None
@@ -291,34 +300,40 @@ class IngestWorker:
         records = read_blocks(chunk.blocks)
         if not batch.count:
             batch.opened = time.monotonic()
-        if len(records):
-            batch.records.setdefault(chunk.topic, []).append(records)
         batch.offsets[(chunk.topic, chunk.partition)] = records.next_offset
         batch.count += len(records)
+        if len(records):
+            batch.pending.setdefault(chunk.topic, []).append(records)
+            batch.pending_count[chunk.topic] += len(records)
+            if batch.pending_count[chunk.topic] >= DECODE_PIECE:
+                self._decode(batch, chunk.topic)
 
     def _close(self, batch: _Batch) -> _Batch:
-        """Decode the batch, pass it to the store thread, and return a fresh one."""
-        self._decode(batch)
+        """Decode what is left of the batch, pass it to the store thread, return a fresh one."""
+        for topic in list(batch.pending):
+            self._decode(batch, topic)
         self._hand_over(batch)
         return _Batch()
 
-    def _decode(self, batch: _Batch) -> None:
-        """Decode a closed batch in one pass per topic: few GIL hand-offs per record."""
-        for topic, chunks in batch.records.items():
-            route = self.routes[topic]
-            values = pa.concat_arrays([c.values for c in chunks])
-            rows, rejects = route.decoder.decode(values)
-            if rows.num_rows and self.prices is not None and route.model is UsageEvent:
-                rows, pricing = self.prices.price(rows)
-                self.stats.add_pricing(pricing)
-            if rows.num_rows:
-                batch.frames.setdefault(route.model.table, []).append(rows)
-            if rejects:
-                starts = list(itertools.accumulate((len(c) for c in chunks), initial=0))
-                for r in rejects:
-                    k = bisect.bisect_right(starts, r.index) - 1
-                    batch.dead.append((chunks[k].record(r.index - starts[k]), r))
-        batch.records = {}
+    def _decode(self, batch: _Batch, topic: str) -> None:
+        """Decode the topic's pending records in one pass (Arrow, without the GIL)."""
+        chunks = batch.pending.pop(topic)
+        batch.pending_count.pop(topic)
+        route = self.routes[topic]
+        values = (
+            chunks[0].values if len(chunks) == 1 else pa.concat_arrays([c.values for c in chunks])
+        )
+        rows, rejects = route.decoder.decode(values)
+        if rows.num_rows and self.prices is not None and route.model is UsageEvent:
+            rows, pricing = self.prices.price(rows)
+            self.stats.add_pricing(pricing)
+        if rows.num_rows:
+            batch.frames.setdefault(route.model.table, []).append(rows)
+        if rejects:
+            starts = list(itertools.accumulate((len(c) for c in chunks), initial=0))
+            for r in rejects:
+                k = bisect.bisect_right(starts, r.index) - 1
+                batch.dead.append((chunks[k].record(r.index - starts[k]), r))
 
     def _store_loop(self) -> None:
         while self._error is None:
@@ -565,10 +580,13 @@ class Ingestor:
 
 def first_of_each_key(rows: pa.Table, key: tuple[str, ...]) -> pa.Table:
     """``rows`` without the repeats of a key already seen earlier in it (order kept)."""
-    if rows.select(list(key)).group_by(list(key)).aggregate([]).num_rows == rows.num_rows:
-        return rows  # the usual case: no key repeats, and no copy
     keys = pl.DataFrame(rows.select(list(key)))
-    first = keys.select(pl.struct(pl.all()).is_first_distinct()).to_series()
+    if keys.n_unique() == keys.height:
+        return rows  # the usual case: no key repeats, and no copy
+    if len(key) == 1:
+        first = keys.to_series().is_first_distinct()
+    else:
+        first = keys.select(pl.struct(pl.all()).is_first_distinct()).to_series()
     return rows.filter(first.to_arrow())
 
 
