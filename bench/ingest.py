@@ -34,14 +34,13 @@ from pathlib import Path
 from kafka import KafkaConsumer, TopicPartition
 
 from finopsd.config import Settings, load_settings
-from finopsd.daemon import consumer_config
+from finopsd.daemon import consumer_config, daemon_store
 from finopsd.events import UsageEvent
 from finopsd.ingest.broker import EmbeddedBroker, ensure_topics
 from finopsd.ingest.decode import BatchDecoder
 from finopsd.ingest.loadgen import UsageLoad, produce
 from finopsd.ingest.pipeline import Ingestor, IngestWorker, Route
 from finopsd.pricing import PriceBook
-from finopsd.store import Store
 
 TOPIC = "bench.usage"
 
@@ -146,12 +145,7 @@ def finopsd_ingest(bootstrap: str, events: int, settings: Settings, round_no: in
     config.update(group_id=f"bench-{round_no}-{time.time_ns()}")
     with (
         tempfile.TemporaryDirectory() as tmp,
-        Store(
-            Path(tmp) / "bench.duckdb",
-            threads=settings.store.daemon_threads,
-            memory_limit=settings.store.memory_limit,
-            vacuum_tasks=settings.store.vacuum_tasks,
-        ) as store,
+        daemon_store(settings, Path(tmp) / "bench.duckdb") as store,
     ):
         window = timedelta(hours=settings.ingest.dedup_window_hours)
         worker = IngestWorker(

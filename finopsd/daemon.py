@@ -12,6 +12,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -38,6 +39,17 @@ def kafka_endpoint(settings: Settings) -> Iterator[str]:
     eb = settings.embedded_broker
     with EmbeddedBroker(eb.host, eb.port, log_file=eb.log_file) as broker:
         yield broker.bootstrap
+
+
+def daemon_store(settings: Settings, path: Path | None = None) -> Store:
+    """The store as the daemon opens it (``store.daemon_threads``, ``store.vacuum_tasks``)."""
+    s = settings.store
+    return Store(
+        path or s.path,
+        threads=s.daemon_threads,
+        memory_limit=s.memory_limit,
+        vacuum_tasks=s.vacuum_tasks,
+    )
 
 
 def consumer_config(settings: Settings, bootstrap: str) -> dict[str, Any]:
@@ -182,12 +194,7 @@ class Daemon:
         s = self.settings
         with (
             kafka_endpoint(s) as bootstrap,
-            Store(
-                s.store.path,
-                threads=s.store.daemon_threads,
-                memory_limit=s.store.memory_limit,
-                vacuum_tasks=s.store.vacuum_tasks,
-            ) as store,
+            daemon_store(s) as store,
         ):
             self.bootstrap = bootstrap
             topics = [s.kafka.usage_topic, s.kafka.gpu_topic]

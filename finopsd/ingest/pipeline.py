@@ -148,7 +148,6 @@ class _Batch:
 
     def __init__(self) -> None:
         self.pending: dict[str, list[Records]] = {}  # topic -> opened chunks, not decoded yet
-        self.pending_count: Counter[str] = Counter()
         self.frames: dict[str, list[pa.Table]] = {}  # table -> decoded rows
         self.dead: list[tuple[FetchedRecord, Reject]] = []
         self.offsets: dict[tuple[str, int], int] = {}
@@ -303,9 +302,9 @@ class IngestWorker:
         batch.offsets[(chunk.topic, chunk.partition)] = records.next_offset
         batch.count += len(records)
         if len(records):
-            batch.pending.setdefault(chunk.topic, []).append(records)
-            batch.pending_count[chunk.topic] += len(records)
-            if batch.pending_count[chunk.topic] >= DECODE_PIECE:
+            pending = batch.pending.setdefault(chunk.topic, [])
+            pending.append(records)
+            if sum(len(r) for r in pending) >= DECODE_PIECE:
                 self._decode(batch, chunk.topic)
 
     def _close(self, batch: _Batch) -> _Batch:
@@ -318,7 +317,6 @@ class IngestWorker:
     def _decode(self, batch: _Batch, topic: str) -> None:
         """Decode the topic's pending records in one pass (Arrow, without the GIL)."""
         chunks = batch.pending.pop(topic)
-        batch.pending_count.pop(topic)
         route = self.routes[topic]
         values = (
             chunks[0].values if len(chunks) == 1 else pa.concat_arrays([c.values for c in chunks])

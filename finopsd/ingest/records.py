@@ -70,8 +70,8 @@ class RecordBlock:
         self.partition = partition
         self.batch = batch  # kafka.record DefaultRecordBatch, or a list of opened records
         self.first_offset = first_offset
-        if isinstance(batch, list):
-            self.next_offset = batch[-1].offset + 1 if batch else first_offset
+        if isinstance(batch, list):  # never empty
+            self.next_offset = batch[-1].offset + 1
         else:
             self.next_offset = batch.next_offset
 
@@ -172,7 +172,7 @@ def _read_fast(
         raise _Unproven
     for at, stop in zip(value_end[~no_headers].tolist(), stops[~no_headers].tolist(), strict=True):
         try:
-            if _skip_headers(buffer, at) != stop:
+            if _read_headers(buffer, at)[1] != stop:
                 raise _Unproven
         except (IndexError, ValueError, UnicodeDecodeError) as exc:
             raise _Unproven from exc
@@ -197,29 +197,17 @@ def _walk(buffer: Any, counts: list[int], ends_expected: list[int]) -> tuple[lis
         for count, block_end in zip(counts, ends_expected, strict=True):
             for _ in range(count):
                 b = buffer[pos]
-                if b < 0x80:
-                    raw = b
+                if b < 0x80:  # the usual one-byte length, read inline
+                    length = (b >> 1) ^ -(b & 1)
                     pos += 1
                 else:
-                    raw = b & 0x7F
-                    shift = 7
-                    pos += 1
-                    while True:
-                        b = buffer[pos]
-                        raw |= (b & 0x7F) << shift
-                        pos += 1
-                        if b < 0x80:
-                            break
-                        shift += 7
-                        if shift > 28:
-                            raise _Unproven
-                length = (raw >> 1) ^ -(raw & 1)
+                    length, pos = decode_varint(buffer, pos)
                 bodies.append(pos)
                 pos += length
                 ends.append(pos)
             if pos != block_end:
                 raise _Unproven
-    except IndexError as exc:
+    except (IndexError, ValueError) as exc:
         raise _Unproven from exc
     return bodies, ends
 
@@ -278,12 +266,8 @@ def _read_slow(
         if isinstance(block.batch, list):
             opened.extend(block.batch)
             continue
-        batch = block.batch
-        batch._maybe_uncompress()
-        batch._pos = 0 if batch.compression_type else batch.HEADER_STRUCT.size
-        batch._next_record_index = 0
-        try:
-            opened.extend(r for r in batch if r.offset >= block.first_offset)
+        try:  # the fast reader only decompressed it: kafka-python reads it from the start
+            opened.extend(r for r in block.batch if r.offset >= block.first_offset)
         except (ValueError, IndexError) as exc:
             raise CorruptRecordError(f"invalid record structure: {exc!r}") from exc
     offsets = np.fromiter((r.offset for r in opened), dtype=np.int64, count=len(opened))
@@ -291,20 +275,23 @@ def _read_slow(
     return Records(topic, partition, offsets, values, next_offset, _opened=opened)
 
 
-def _skip_headers(buffer: Any, pos: int) -> int:
-    """Where the headers that start at ``pos`` end."""
+def _read_headers(buffer: Any, pos: int) -> tuple[list[tuple[str, bytes | None]], int]:
+    """The headers that start at ``pos``, and where they end."""
     count, pos = decode_varint(buffer, pos)
     if count < 0:
         raise ValueError(f"negative header count {count}")
+    headers: list[tuple[str, bytes | None]] = []
     for _ in range(count):
         name_len, pos = decode_varint(buffer, pos)
         if name_len < 0:
             raise ValueError(f"negative header name length {name_len}")
-        bytes(buffer[pos : pos + name_len]).decode("utf-8")
-        pos += name_len
+        name, pos = bytes(buffer[pos : pos + name_len]).decode("utf-8"), pos + name_len
         value_len, pos = decode_varint(buffer, pos)
-        pos += max(value_len, 0)
-    return pos
+        value = None
+        if value_len >= 0:
+            value, pos = bytes(buffer[pos : pos + value_len]), pos + value_len
+        headers.append((name, value))
+    return headers, pos
 
 
 def _open_record(buffer: Any, start: int, end: int) -> tuple[bytes | None, bytes | None, list]:
@@ -320,16 +307,7 @@ def _open_record(buffer: Any, start: int, end: int) -> tuple[bytes | None, bytes
     value = None
     if value_len >= 0:
         value, pos = bytes(buffer[pos : pos + value_len]), pos + value_len
-    count, pos = decode_varint(buffer, pos)
-    headers: list[tuple[str, bytes | None]] = []
-    for _ in range(count):
-        name_len, pos = decode_varint(buffer, pos)
-        name, pos = bytes(buffer[pos : pos + name_len]).decode("utf-8"), pos + name_len
-        header_len, pos = decode_varint(buffer, pos)
-        header = None
-        if header_len >= 0:
-            header, pos = bytes(buffer[pos : pos + header_len]), pos + header_len
-        headers.append((name, header))
+    headers, pos = _read_headers(buffer, pos)
     if pos != end:
         raise CorruptRecordError(f"record body of {end - start} bytes read as {pos - start}")
     return key, value, headers
