@@ -63,6 +63,7 @@ def consumer_config(settings: Settings, bootstrap: str) -> dict[str, Any]:
         "session_timeout_ms": k.session_timeout_ms,
         "heartbeat_interval_ms": k.heartbeat_interval_ms,
         "max_poll_interval_ms": k.max_poll_interval_ms,
+        "request_timeout_ms": k.request_timeout_ms,
         "max_poll_records": k.max_poll_records,
         "fetch_max_bytes": k.fetch_max_bytes,
         "max_partition_fetch_bytes": k.max_partition_fetch_bytes,
@@ -227,6 +228,11 @@ class Daemon:
                 **s.kafka.client_config(),
                 acks="all",
                 linger_ms=5,
+                # an outage is waited out by the worker, which sends again: no call blocks
+                # longer than one request
+                request_timeout_ms=s.kafka.request_timeout_ms,
+                delivery_timeout_ms=2 * s.kafka.request_timeout_ms,
+                max_block_ms=s.kafka.request_timeout_ms,
                 # room for any record the consumer can fetch, plus dead-letter headers
                 max_request_size=max(
                     s.kafka.max_partition_fetch_bytes, s.ingest.max_record_bytes * 2, 1 << 20
@@ -237,7 +243,11 @@ class Daemon:
             worker = IngestWorker(
                 store,
                 routes,
-                dead_letters=DeadLetterSink(producer, s.kafka.dead_letter_topic),
+                dead_letters=DeadLetterSink(
+                    producer,
+                    s.kafka.dead_letter_topic,
+                    timeout_s=s.kafka.request_timeout_ms / 1000,
+                ),
                 batch_max_events=s.ingest.batch_max_events,
                 batch_max_age_s=s.ingest.batch_max_age_ms / 1000,
                 queue_chunks=s.ingest.queue_chunks,
@@ -274,8 +284,8 @@ class Daemon:
                 producer.close(timeout=10)
             snap = self.stats.snapshot()
             log.info(
-                "stopped cleanly: %d records in %d batches; stored %s; duplicates %s; "
-                "dead letters %s",
+                "stopped %s: %d records in %d batches; stored %s; duplicates %s; dead letters %s",
+                "with unstored records left in Kafka" if worker.abandoned else "cleanly",
                 snap["records"],
                 snap["batches"],
                 snap["stored"],

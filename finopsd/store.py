@@ -12,6 +12,7 @@ re-read after a crash, never counts twice.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -366,6 +367,43 @@ class StoreError(RuntimeError):
     """The store file cannot be opened or is from a newer finopsd."""
 
 
+class StoreUnavailable(StoreError):
+    """A write failed for a reason outside the data: a full disk, an I/O error, no memory.
+
+    Nothing of the failed write is stored; the same write may be retried once the
+    cause is gone (``Store.recover()`` first).
+    """
+
+
+_UNAVAILABLE_TYPES = (duckdb.IOException, duckdb.FatalException, duckdb.OutOfMemoryException)
+_UNAVAILABLE_TEXT = (
+    "No space left",
+    "Disk quota",
+    "Could not write",
+    "Could not read",
+    "Could not open",
+    "Read-only file system",
+    "Permission denied",
+    "IO Error",
+    "I/O error",
+    "invalidated",
+    "Out of Memory",
+)
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """True if ``exc`` says the store cannot be written now, whatever the data.
+
+    DuckDB reports a full disk as an ``IOException`` on an insert, as a
+    ``TransactionException`` ("Failed to commit: Could not write file …") on a
+    commit, and, after a failed checkpoint, as a ``FatalException`` that
+    invalidates the database until it is opened again.
+    """
+    if isinstance(exc, (StoreUnavailable, OSError, *_UNAVAILABLE_TYPES)):
+        return True
+    return isinstance(exc, duckdb.Error) and any(t in str(exc) for t in _UNAVAILABLE_TEXT)
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetterRow:
     topic: str
@@ -412,6 +450,7 @@ class Store:
         vacuum_tasks: int | None = None,
     ) -> None:
         self.path = Path(path)
+        self.read_only = read_only
         config: dict[str, str | int] = {}
         if threads:
             config["threads"] = threads
@@ -419,6 +458,7 @@ class Store:
             config["max_vacuum_tasks"] = vacuum_tasks
         if memory_limit:
             config["memory_limit"] = memory_limit
+        self._config = config
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -426,6 +466,7 @@ class Store:
         except duckdb.Error as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
         self._write_lock = threading.Lock()
+        self._needs_reopen = False
         if not read_only:
             self.migrate()
         else:
@@ -512,10 +553,42 @@ class Store:
                         [[t, p, o, now] for (t, p), o in batch.offsets.items()],
                     )
                 con.execute("COMMIT")
-            except Exception:
-                con.execute("ROLLBACK")
+            except Exception as exc:
+                self._failed(con, exc)
                 raise
         return AppendResult(inserted, duplicates)
+
+    def _failed(self, con: duckdb.DuckDBPyConnection, exc: BaseException) -> None:
+        """Roll back after ``exc``; raise ``StoreUnavailable`` if the cause is not the data.
+
+        A failed COMMIT has already ended the transaction, so the ROLLBACK may fail too:
+        the original error is the one that counts.
+        """
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        if is_unavailable(exc) and not isinstance(exc, StoreUnavailable):
+            if "invalidated" in str(exc) or isinstance(exc, duckdb.FatalException):
+                self._needs_reopen = True
+            raise StoreUnavailable(f"cannot write store {self.path}: {exc}") from exc
+
+    def recover(self) -> None:
+        """Make the store writable again after ``StoreUnavailable``, if it can be.
+
+        Opens the database again when DuckDB has invalidated it (the WAL is
+        replayed: what was committed stays); raises ``StoreUnavailable`` while
+        that still fails. A no-op otherwise.
+        """
+        with self._write_lock:
+            if not self._needs_reopen:
+                return
+            with contextlib.suppress(duckdb.Error):
+                self._con.close()
+            try:
+                self._con = duckdb.connect(str(self.path), config=self._config)
+            except duckdb.Error as exc:
+                raise StoreUnavailable(f"cannot open store {self.path} again: {exc}") from exc
+            self._needs_reopen = False
+            log.info("store %s opened again", self.path)
 
     @staticmethod
     def _insert_new(
@@ -549,8 +622,8 @@ class Store:
             try:
                 result = work(con)
                 con.execute("COMMIT")
-            except Exception:
-                con.execute("ROLLBACK")
+            except Exception as exc:
+                self._failed(con, exc)
                 raise
         return result
 

@@ -21,7 +21,9 @@ the group's committed offset.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import itertools
+import json
 import logging
 import queue
 import threading
@@ -29,14 +31,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import polars as pl
 import pyarrow as pa
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import MessageSizeTooLargeError
+from kafka.errors import KafkaError, MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from finopsd.events import UsageEvent, _Event
@@ -44,7 +46,7 @@ from finopsd.ingest.decode import Reject
 from finopsd.ingest.formats import Decoder
 from finopsd.ingest.records import FetchedRecord, RecordBlock, Records, install, read_blocks
 from finopsd.pricing import PriceBook, PricingStats
-from finopsd.store import DeadLetterRow, Store, StoreBatch
+from finopsd.store import AppendResult, DeadLetterRow, Store, StoreBatch, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +57,41 @@ HEADER_PREFIX = "finopsd-"
 """Dead-letter headers: finopsd-reason, finopsd-detail, finopsd-source-{topic,partition,offset}."""
 
 
+RETRY_FIRST_S = 0.5
+"""First wait before a write is tried again while the store or the broker is unavailable."""
+RETRY_MAX_S = 30.0
+"""Longest wait between tries; the stall is reported at least this often."""
+
+
 class WorkerFailed(RuntimeError):
     """The worker thread stopped on an error; nothing after its last stored batch is lost."""
+
+
+class BrokerUnavailable(RuntimeError):
+    """Dead letters could not be handed to Kafka; ``pending`` are the ones still to send."""
+
+    def __init__(self, message: str, pending: list[tuple[FetchedRecord, Reject]]) -> None:
+        super().__init__(message)
+        self.pending = pending
+
+
+@dataclass(frozen=True, slots=True)
+class Stall:
+    """Why ingest is waiting: ``cause`` is "store" or "broker", since ``since`` (epoch s)."""
+
+    cause: str
+    since: float
+    detail: str
+    records: int
+
+    def describe(self) -> str:
+        when = datetime.fromtimestamp(self.since, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        what = "store unavailable" if self.cause == "store" else "broker unreachable"
+        return f"{what} since {when}, {self.records} record(s) waiting: {self.detail}"
+
+
+class _Abandoned(Exception):
+    """Stop was requested while a write could not be made: the batch stays unstored."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +124,7 @@ class IngestStats:
     unpriced: Counter[str] = field(default_factory=Counter)  # "provider/model" -> events
     cost_disagreements: int = 0  # events where the gateway's cost and ours disagree
     last_batch_at: float | None = None
+    stall: Stall | None = None  # set while the store or the broker cannot be written
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add_batch(
@@ -128,6 +164,14 @@ class IngestStats:
                 "backpressure_s": round(self.backpressure_s, 3),
                 "unpriced": dict(self.unpriced),
                 "cost_disagreements": self.cost_disagreements,
+                "stalled": None
+                if self.stall is None
+                else {
+                    "cause": self.stall.cause,
+                    "since": self.stall.since,
+                    "records": self.stall.records,
+                    "detail": self.stall.detail,
+                },
             }
 
 
@@ -169,6 +213,15 @@ class IngestWorker:
     when every chunk submitted before it is stored. ``take_stored_offsets()``
     returns the offsets stored since the last call. ``close()`` flushes and
     joins.
+
+    Nothing a record holds stops the worker: an unexpected error while decoding
+    or pricing is retried record by record, and while storing by halving the
+    rows, and the record (or row) that raises is dead-lettered with reason
+    ``internal``. A store or broker that cannot be written (a full disk, an
+    outage) holds the batch: it is tried again with backoff, the stall is in
+    ``stats.stall`` and in the log, and ingest resumes by itself.
+    ``request_stop()`` during a stall abandons the unstored batches: their
+    offsets were not stored, so they are read again on restart.
     """
 
     def __init__(
@@ -197,6 +250,8 @@ class IngestWorker:
         self._stored: dict[tuple[str, int], int] = {}
         self._stored_lock = threading.Lock()
         self._error: BaseException | None = None
+        self._stopping = threading.Event()
+        self._abandoned = threading.Event()
         self._threads = [
             threading.Thread(target=self._guard, args=(self._decode_loop,), name="ingest-decode"),
             threading.Thread(target=self._guard, args=(self._store_loop,), name="ingest-store"),
@@ -215,6 +270,8 @@ class IngestWorker:
         self._put(marker)
         while not marker.done.wait(0.1):
             self._check()
+            if self._abandoned.is_set():
+                return
         self._check()
 
     def close(self) -> None:
@@ -223,6 +280,17 @@ class IngestWorker:
             for thread in self._threads:
                 thread.join()
         self._check()
+
+    def request_stop(self) -> None:
+        """Stop soon: if a write is stalled, abandon what is not stored (it is read again)."""
+        self._stopping.set()
+        if self.stats.stall is not None:
+            self._abandoned.set()
+
+    @property
+    def abandoned(self) -> bool:
+        """True once unstored batches were given up at stop (the store or broker was down)."""
+        return self._abandoned.is_set()
 
     def take_stored_offsets(self) -> dict[tuple[str, int], int]:
         with self._stored_lock:
@@ -240,7 +308,7 @@ class IngestWorker:
         except queue.Full:
             pass
         waited_from = time.monotonic()
-        while True:
+        while not self._abandoned.is_set():
             self._check()
             try:
                 self._chunks.put(item, timeout=0.1)
@@ -263,7 +331,7 @@ class IngestWorker:
             self._error = exc
 
     def _hand_over(self, item: object) -> None:
-        while self._error is None:
+        while self._error is None and not self._abandoned.is_set():
             try:
                 self._batches.put(item, timeout=0.1)
                 return
@@ -272,7 +340,7 @@ class IngestWorker:
 
     def _decode_loop(self) -> None:
         batch = _Batch()
-        while self._error is None:
+        while self._error is None and not self._abandoned.is_set():
             timeout = 0.1
             if batch.count:
                 timeout = min(timeout, batch.opened + self.batch_max_age_s - time.monotonic())
@@ -321,10 +389,17 @@ class IngestWorker:
         values = (
             chunks[0].values if len(chunks) == 1 else pa.concat_arrays([c.values for c in chunks])
         )
-        rows, rejects = route.decoder.decode(values)
-        if rows.num_rows and self.prices is not None and route.model is UsageEvent:
-            rows, pricing = self.prices.price(rows)
-            self.stats.add_pricing(pricing)
+        try:
+            rows, rejects = self._decode_values(route, values)
+        except Exception as exc:  # a bug a record triggers: find that record, keep the rest
+            log.error(
+                "decoding %d record(s) of %s failed (%s: %s); decoding them one by one",
+                len(values),
+                topic,
+                type(exc).__name__,
+                exc,
+            )
+            rows, rejects = self._decode_each(route, values)
         if rows.num_rows:
             batch.frames.setdefault(route.model.table, []).append(rows)
         if rejects:
@@ -333,14 +408,49 @@ class IngestWorker:
                 k = bisect.bisect_right(starts, r.index) - 1
                 batch.dead.append((chunks[k].record(r.index - starts[k]), r))
 
+    def _decode_values(self, route: Route, values: pa.LargeBinaryArray) -> tuple[pa.Table, list]:
+        """Rows (priced, for usage events) and rejects of ``values``."""
+        rows, rejects = route.decoder.decode(values)
+        if rows.num_rows and self.prices is not None and route.model is UsageEvent:
+            rows, pricing = self.prices.price(rows)
+            self.stats.add_pricing(pricing)
+        return rows, rejects
+
+    def _decode_each(self, route: Route, values: pa.LargeBinaryArray) -> tuple[pa.Table, list]:
+        """``_decode_values`` one record at a time; a record that raises is rejected as
+        ``internal`` with the error."""
+        frames: list[pa.Table] = []
+        rejects: list[Reject] = []
+        for i in range(len(values)):
+            try:
+                rows, refused = self._decode_values(route, values.slice(i, 1))
+            except Exception as exc:
+                rejects.append(Reject(i, "internal", f"{type(exc).__name__}: {exc}"))
+                continue
+            if rows.num_rows:
+                frames.append(rows)
+            rejects.extend(Reject(i, r.reason, r.detail) for r in refused)
+        if not frames:
+            return route.decoder.empty(), rejects
+        return pa.concat_tables(frames), rejects
+
     def _store_loop(self) -> None:
-        while self._error is None:
+        while self._error is None and not self._abandoned.is_set():
             try:
                 item = self._batches.get(timeout=0.1)
             except queue.Empty:
                 continue
             if isinstance(item, _Batch):
-                self._store(item)
+                try:
+                    self._store(item)
+                except _Abandoned:
+                    log.warning(
+                        "stopping with %d record(s) not stored (%s); they are read again "
+                        "from Kafka on the next start",
+                        item.count,
+                        "store or broker unavailable",
+                    )
+                    return
             elif isinstance(item, _Flush):
                 item.done.set()
             elif item is _STOP:
@@ -371,9 +481,10 @@ class IngestWorker:
             for record, reject in batch.dead
         ]
         if batch.dead and self.dead_letters is not None:
-            self.dead_letters.send(batch.dead)
-        result = self.store.append(out)
+            self._send_dead_letters(batch.dead, batch.count)
+        result = self._retry(lambda: self._append(out), batch.count)
         reasons = Counter(r.reason for _, r in batch.dead)
+        reasons.update("internal" for _ in range(len(out.dead_letters) - len(batch.dead)))
         self.stats.add_batch(batch.count, result.inserted, received, reasons)
         with self._stored_lock:
             self._stored.update(batch.offsets)
@@ -383,6 +494,109 @@ class IngestWorker:
                 len(batch.dead),
                 ", ".join(f"{k}={v}" for k, v in reasons.items()),
             )
+
+    def _send_dead_letters(self, dead: list[tuple[FetchedRecord, Reject]], records: int) -> None:
+        assert self.dead_letters is not None
+        sink = self.dead_letters
+        pending = list(dead)
+
+        def attempt() -> None:
+            nonlocal pending
+            try:
+                sink.send(pending)
+            except BrokerUnavailable as exc:
+                pending = exc.pending
+                raise
+
+        self._retry(attempt, records)
+
+    def _append(self, out: StoreBatch) -> AppendResult:
+        """``store.append(out)``; rows the store refuses are found and dead-lettered."""
+        self.store.recover()
+        try:
+            return self.store.append(out)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:  # the data: a bug a row triggers, not the disk
+            return self._append_isolating(out, exc)
+
+    def _append_isolating(self, out: StoreBatch, error: Exception) -> AppendResult:
+        """Store ``out`` in halves until the rows the store refuses are alone; dead-letter
+        each of them (reason ``internal``, the row as JSON), then store the offsets.
+
+        Parts stored before the offsets are safe to store again: rows are deduplicated.
+        """
+        log.error(
+            "the store refused a batch (%s: %s); storing it in parts to find the rows",
+            type(error).__name__,
+            error,
+        )
+        inserted: Counter[str] = Counter()
+        refused: list[tuple[FetchedRecord, Reject]] = []
+        for table, rows in out.rows.items():
+            parts = [rows]
+            while parts:
+                part = parts.pop()
+                try:
+                    result = self.store.append(
+                        StoreBatch(rows={table: part}, dedup={table: out.dedup[table]})
+                    )
+                    inserted[table] += result.inserted.get(table, 0)
+                except StoreUnavailable:
+                    raise
+                except Exception as exc:
+                    if part.num_rows > 1:
+                        half = part.num_rows // 2
+                        parts += [part.slice(half), part.slice(0, half)]
+                        continue
+                    row = part.to_pylist()[0]
+                    value = json.dumps(row, default=str).encode()
+                    record = FetchedRecord(f"store:{table}", -1, -1, None, value, [])
+                    refused.append((record, Reject(-1, "internal", f"{type(exc).__name__}: {exc}")))
+        if refused and self.dead_letters is not None:
+            self.dead_letters.send(refused)  # an outage here retries the whole batch
+        final = StoreBatch(
+            offsets=out.offsets,
+            dead_letters=out.dead_letters
+            + [
+                DeadLetterRow(rec.topic, -1, -1, rej.reason, rej.detail, len(rec.value or b""))
+                for rec, rej in refused
+            ],
+        )
+        self.store.append(final)
+        out.dead_letters = final.dead_letters
+        return AppendResult(dict(inserted), {})
+
+    def _retry(self, attempt: Callable[[], Any], records: int) -> Any:
+        """``attempt()`` until it returns, waiting out ``StoreUnavailable`` and
+        ``BrokerUnavailable`` with backoff; raises ``_Abandoned`` if stop is requested."""
+        delay = RETRY_FIRST_S
+        stall: Stall | None = None
+        reported = 0.0
+        while True:
+            try:
+                result = attempt()
+            except (StoreUnavailable, BrokerUnavailable) as exc:
+                now = time.time()
+                cause = "store" if isinstance(exc, StoreUnavailable) else "broker"
+                since = now if stall is None else stall.since
+                stall = self.stats.stall = Stall(cause, since, str(exc), records)
+                if now - reported >= RETRY_MAX_S:
+                    log.error("%s; ingest paused, retrying", stall.describe())
+                    reported = now
+                if self._stopping.is_set() or self._stopping.wait(delay):
+                    self._abandoned.set()
+                    raise _Abandoned from exc
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            if stall is not None:
+                self.stats.stall = None
+                log.info(
+                    "%s writable again after %.0fs; ingest resumed",
+                    "store" if stall.cause == "store" else "broker",
+                    time.time() - stall.since,
+                )
+            return result
 
 
 class DeadLetterSink:
@@ -403,7 +617,15 @@ class DeadLetterSink:
         self.timeout_s = timeout_s
 
     def send(self, items: list[tuple[FetchedRecord, Reject]]) -> None:
+        """Send ``items`` and wait for Kafka's acknowledgement of each.
+
+        Raises ``BrokerUnavailable`` with the items not acknowledged within
+        ``timeout_s`` (send those again; Kafka may still get some of them, which
+        the dead-letter topic then holds twice).
+        """
         futures = []
+        pending: list[tuple[FetchedRecord, Reject]] = []
+        failure: BaseException | None = None
         for record, reject in items:
             headers = list(record.headers or [])
             headers += [
@@ -414,18 +636,38 @@ class DeadLetterSink:
                 (HEADER_PREFIX + "source-offset", str(record.offset).encode()),
             ]
             try:
-                future = self.producer.send(
-                    self.topic, key=record.key, value=record.value, headers=headers
-                )
-            except MessageSizeTooLargeError:
-                future = self._send_without_value(record, headers)
-            futures.append((record, headers, future))
-        self.producer.flush(timeout=self.timeout_s)
-        for record, headers, future in futures:
+                try:
+                    future = self.producer.send(
+                        self.topic, key=record.key, value=record.value, headers=headers
+                    )
+                except MessageSizeTooLargeError:
+                    future = self._send_without_value(record, headers)
+            except KafkaError as exc:  # no metadata within max_block_ms: the broker is away
+                failure = exc
+                pending.append((record, reject))
+                continue
+            futures.append((record, reject, headers, future))
+        deadline = time.monotonic() + self.timeout_s
+        with contextlib.suppress(KafkaError):
+            self.producer.flush(timeout=self.timeout_s)
+        for record, reject, headers, future in futures:
             try:
-                future.get(timeout=self.timeout_s)  # raises if Kafka did not take it
-            except MessageSizeTooLargeError:  # the broker's limit is lower than ours
-                self._send_without_value(record, headers).get(timeout=self.timeout_s)
+                try:
+                    # raises if Kafka did not take it
+                    future.get(timeout=max(0.0, deadline - time.monotonic()))
+                except MessageSizeTooLargeError:  # the broker's limit is lower than ours
+                    self._send_without_value(record, headers).get(
+                        timeout=max(0.1, deadline - time.monotonic())
+                    )
+            except KafkaError as exc:
+                failure = exc
+                pending.append((record, reject))
+        if pending:
+            raise BrokerUnavailable(
+                f"{len(pending)} dead letter(s) not acknowledged by Kafka within "
+                f"{self.timeout_s:.0f}s: {type(failure).__name__}: {failure}",
+                pending,
+            )
 
     def _send_without_value(self, record: FetchedRecord, headers: list) -> Any:
         """The record is too large for the dead-letter topic: send its headers, no value."""
@@ -486,6 +728,7 @@ class Ingestor:
 
     def stop(self) -> None:
         self._stop.set()
+        self.worker.request_stop()
 
     def run(self) -> None:
         consumer = self.consumer = self._consumer_factory()
