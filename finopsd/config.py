@@ -56,6 +56,7 @@ class KafkaSettings(_Section):
     session_timeout_ms: int = Field(10_000, ge=1_000, le=600_000)
     heartbeat_interval_ms: int = Field(3_000, ge=100)
     max_poll_interval_ms: int = Field(300_000, ge=1_000)
+    request_timeout_ms: int = Field(30_000, ge=1_000, le=300_000)
     max_poll_records: int = Field(10_000, ge=1)
     fetch_max_bytes: int = Field(64 << 20, ge=1 << 10)
     max_partition_fetch_bytes: int = Field(16 << 20, ge=1 << 10)
