@@ -64,6 +64,8 @@ def consumer_config(settings: Settings, bootstrap: str) -> dict[str, Any]:
         "heartbeat_interval_ms": k.heartbeat_interval_ms,
         "max_poll_interval_ms": k.max_poll_interval_ms,
         "request_timeout_ms": k.request_timeout_ms,
+        # after an outage, reconnect within a second (kafka-python backs off up to 30 s)
+        "reconnect_backoff_max_ms": 1000,
         "max_poll_records": k.max_poll_records,
         "fetch_max_bytes": k.fetch_max_bytes,
         "max_partition_fetch_bytes": k.max_partition_fetch_bytes,
@@ -223,7 +225,7 @@ class Daemon:
             routes[s.kafka.gpu_topic] = Route(
                 BatchDecoder(GpuSample, max_record_bytes=max_bytes), window
             )
-            producer = KafkaProducer(
+            producer_config = dict(
                 bootstrap_servers=bootstrap,
                 **s.kafka.client_config(),
                 acks="all",
@@ -233,21 +235,24 @@ class Daemon:
                 request_timeout_ms=s.kafka.request_timeout_ms,
                 delivery_timeout_ms=2 * s.kafka.request_timeout_ms,
                 max_block_ms=s.kafka.request_timeout_ms,
+                bootstrap_timeout_ms=s.kafka.request_timeout_ms,
+                reconnect_backoff_max_ms=1000,
                 # room for any record the consumer can fetch, plus dead-letter headers
                 max_request_size=max(
                     s.kafka.max_partition_fetch_bytes, s.ingest.max_record_bytes * 2, 1 << 20
                 )
                 + (64 << 10),
             )
+            dead_letters = DeadLetterSink(
+                lambda: KafkaProducer(**producer_config),
+                s.kafka.dead_letter_topic,
+                timeout_s=s.kafka.request_timeout_ms / 1000,
+            )
             prices = PriceBook.from_settings(s.pricing)
             worker = IngestWorker(
                 store,
                 routes,
-                dead_letters=DeadLetterSink(
-                    producer,
-                    s.kafka.dead_letter_topic,
-                    timeout_s=s.kafka.request_timeout_ms / 1000,
-                ),
+                dead_letters=dead_letters,
                 batch_max_events=s.ingest.batch_max_events,
                 batch_max_age_s=s.ingest.batch_max_age_ms / 1000,
                 queue_chunks=s.ingest.queue_chunks,
@@ -281,7 +286,7 @@ class Daemon:
                 self._stop.set()
                 analysis.stop()
                 settler.join()
-                producer.close(timeout=10)
+                dead_letters.close(timeout_s=10)
             snap = self.stats.snapshot()
             log.info(
                 "stopped %s: %d records in %d batches; stored %s; duplicates %s; dead letters %s",

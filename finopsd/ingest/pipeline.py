@@ -59,8 +59,10 @@ HEADER_PREFIX = "finopsd-"
 
 RETRY_FIRST_S = 0.5
 """First wait before a write is tried again while the store or the broker is unavailable."""
-RETRY_MAX_S = 30.0
-"""Longest wait between tries; the stall is reported at least this often."""
+RETRY_MAX_S = 10.0
+"""Longest wait between tries."""
+STALL_REPORT_S = 30.0
+"""While a stall lasts, it is logged again this often."""
 
 
 class WorkerFailed(RuntimeError):
@@ -581,7 +583,7 @@ class IngestWorker:
                 cause = "store" if isinstance(exc, StoreUnavailable) else "broker"
                 since = now if stall is None else stall.since
                 stall = self.stats.stall = Stall(cause, since, str(exc), records)
-                if now - reported >= RETRY_MAX_S:
+                if now - reported >= STALL_REPORT_S:
                     log.error("%s; ingest paused, retrying", stall.describe())
                     reported = now
                 if self._stopping.is_set() or self._stopping.wait(delay):
@@ -611,10 +613,30 @@ class DeadLetterSink:
     may use the source headers to drop them.
     """
 
-    def __init__(self, producer: KafkaProducer, topic: str, *, timeout_s: float = 30.0) -> None:
-        self.producer = producer
+    def __init__(
+        self, make_producer: Callable[[], KafkaProducer], topic: str, *, timeout_s: float = 30.0
+    ) -> None:
+        self._make_producer = make_producer
+        self._producer: KafkaProducer | None = None
         self.topic = topic
         self.timeout_s = timeout_s
+
+    @property
+    def producer(self) -> KafkaProducer:
+        if self._producer is None:
+            self._producer = self._make_producer()
+        return self._producer
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Close the producer; what it could not deliver is logged, never raised."""
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+        try:
+            producer.close(timeout=timeout_s)
+        except KafkaError as exc:
+            log.warning("dead-letter producer closed with records undelivered: %s", exc)
+            _force_close(producer)
 
     def send(self, items: list[tuple[FetchedRecord, Reject]]) -> None:
         """Send ``items`` and wait for Kafka's acknowledgement of each.
@@ -663,6 +685,9 @@ class DeadLetterSink:
                 failure = exc
                 pending.append((record, reject))
         if pending:
+            # kafka-python's producer can stay stuck after a broker stopped answering
+            # (a batch left in flight keeps its partition muted): the next try gets a new one
+            self.close(timeout_s=0)
             raise BrokerUnavailable(
                 f"{len(pending)} dead letter(s) not acknowledged by Kafka within "
                 f"{self.timeout_s:.0f}s: {type(failure).__name__}: {failure}",
@@ -682,6 +707,20 @@ class DeadLetterSink:
         )
         headers = [*headers, (HEADER_PREFIX + "value-omitted", str(size).encode())]
         return self.producer.send(self.topic, key=record.key, value=None, headers=headers)
+
+
+def _force_close(producer: KafkaProducer) -> None:
+    """Finish what ``KafkaProducer.close`` leaves undone when its flush times out.
+
+    kafka-python 3.0 raises out of ``close()`` before stopping its sender thread,
+    and then again from ``__del__``; stop the thread and mark it closed (internals
+    of the pinned 3.0.x, like ``records.install``).
+    """
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        sender.force_close()
+        sender.join(1.0)
+    producer._closed = True  # type: ignore[attr-defined]
 
 
 class _Rebalance(ConsumerRebalanceListener):
