@@ -124,6 +124,7 @@ class IngestSettings(_Section):
     batch_max_age_ms: int = Field(1_000, ge=1)
     max_record_bytes: int = Field(1 << 20, ge=256)
     queue_chunks: int = Field(8, ge=1, le=1024)
+    queue_bytes: int = Field(64 << 20, ge=1 << 20, le=1 << 40)
     dedup_window_hours: float = Field(1, ge=0)
     formats: dict[str, Annotated[str, AfterValidator(_known_format)]] = Field(
         {},

@@ -256,6 +256,7 @@ class Daemon:
                 batch_max_events=s.ingest.batch_max_events,
                 batch_max_age_s=s.ingest.batch_max_age_ms / 1000,
                 queue_chunks=s.ingest.queue_chunks,
+                queue_bytes=s.ingest.queue_bytes,
                 stats=self.stats,
                 prices=prices,
             )

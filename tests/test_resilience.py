@@ -326,3 +326,46 @@ def test_a_gpu_sample_beyond_int64_is_dead_lettered_not_fatal(tmp_path: Path) ->
     assert sum(worker.stats.snapshot()["dead_letters"].values()) == 1
     assert worker.store.counts()["gpu_samples"] == 3
     worker.store.close()
+
+
+def test_polling_waits_once_queued_record_batches_reach_queue_bytes(tmp_path: Path) -> None:
+    """With the store held (its write lock taken, as a long write would), the worker's
+    chunk queue fills to ``queue_bytes`` of record batches, not to ``queue_chunks``: the
+    submitting thread waits; once the store is free, everything is stored once."""
+    import threading
+
+    values = [v for _, v in usage_messages(6000, seed=96)]
+    chunks = [chunk_of(values[i : i + 200]) for i in range(0, len(values), 200)]
+    size = chunks[0].size_bytes
+    with Store(tmp_path / "q.duckdb") as store:
+        worker = IngestWorker(
+            store,
+            {"usage": Route(BatchDecoder(UsageEvent), timedelta(hours=1))},
+            dead_letters=None,
+            batch_max_events=200,  # every chunk closes a batch, so the store is needed
+            batch_max_age_s=0.05,
+            queue_chunks=1000,
+            queue_bytes=3 * size,
+        )
+        store._write_lock.acquire()
+        submitted: list[int] = []
+
+        def submit_all() -> None:
+            for i, chunk in enumerate(chunks):
+                worker.submit(chunk)
+                submitted.append(i)
+
+        feeder = threading.Thread(target=submit_all, daemon=True)
+        feeder.start()
+        time.sleep(2.0)
+        blocked_at = len(submitted)
+        # one batch in the store, one handed over, one being built, three chunks queued
+        assert blocked_at < 10, f"{blocked_at} chunks submitted past a 3-chunk byte budget"
+        assert worker._queued_bytes <= 3 * size
+        store._write_lock.release()
+        feeder.join(60)
+        assert len(submitted) == len(chunks)
+        worker.flush()
+        worker.close()
+        assert store.counts()["usage_events"] == len(values)
+        assert worker.stats.snapshot()["backpressure_s"] > 1.0

@@ -104,6 +104,11 @@ class Chunk:
     partition: int
     blocks: list[RecordBlock]
 
+    @property
+    def size_bytes(self) -> int:
+        """Bytes the chunk's record batches hold in memory."""
+        return sum(b.size_bytes for b in self.blocks)
+
 
 @dataclass(slots=True)
 class _Flush:
@@ -210,7 +215,8 @@ class IngestWorker:
     writes closed batches, so gathering and decoding go on while a batch
     commits.
 
-    ``submit(chunk)`` blocks while ``queue_chunks`` chunks wait (backpressure)
+    ``submit(chunk)`` blocks while ``queue_chunks`` chunks, or ``queue_bytes`` of
+    record batches, wait (backpressure; a chunk larger than the budget waits alone)
     and raises ``WorkerFailed`` once a thread has died. ``flush()`` returns
     when every chunk submitted before it is stored. ``take_stored_offsets()``
     returns the offsets stored since the last call. ``close()`` flushes and
@@ -235,6 +241,7 @@ class IngestWorker:
         batch_max_events: int,
         batch_max_age_s: float,
         queue_chunks: int = 8,
+        queue_bytes: int = 64 << 20,
         stats: IngestStats | None = None,
         prices: PriceBook | None = None,
     ) -> None:
@@ -246,6 +253,9 @@ class IngestWorker:
         self.batch_max_age_s = batch_max_age_s
         self.stats = stats or IngestStats()
         self._chunks: queue.Queue[object] = queue.Queue(maxsize=queue_chunks)
+        self.queue_bytes = queue_bytes
+        self._queued_bytes = 0  # record-batch bytes of the chunks in _chunks
+        self._queued = threading.Condition()
         # one closed batch waits while another is stored: no deeper, or the store falls
         # behind and a stop has to wait for it
         self._batches: queue.Queue[object] = queue.Queue(maxsize=1)
@@ -304,20 +314,38 @@ class IngestWorker:
         self._check()
 
     def _put(self, item: object) -> None:
+        size = item.size_bytes if isinstance(item, Chunk) else 0
+        waited_from: float | None = None
+        with self._queued:
+            while (
+                size
+                and self._queued_bytes
+                and self._queued_bytes + size > self.queue_bytes
+                and not self._abandoned.is_set()
+            ):
+                waited_from = waited_from or time.monotonic()
+                self._check()
+                self._queued.wait(0.1)
+            self._queued_bytes += size
         try:
             self._chunks.put_nowait(item)
-            return
         except queue.Full:
-            pass
-        waited_from = time.monotonic()
-        while not self._abandoned.is_set():
-            self._check()
-            try:
-                self._chunks.put(item, timeout=0.1)
-                break
-            except queue.Full:
-                continue
-        self.stats.add_backpressure(time.monotonic() - waited_from)
+            waited_from = waited_from or time.monotonic()
+            while not self._abandoned.is_set():
+                self._check()
+                try:
+                    self._chunks.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+        if waited_from is not None:
+            self.stats.add_backpressure(time.monotonic() - waited_from)
+
+    def _taken(self, chunk: Chunk) -> None:
+        """The decode thread took ``chunk`` off the queue: its bytes leave the budget."""
+        with self._queued:
+            self._queued_bytes -= chunk.size_bytes
+            self._queued.notify()
 
     def _check(self) -> None:
         if self._error is not None:
@@ -353,6 +381,7 @@ class IngestWorker:
                     batch = self._close(batch)
                 continue
             if isinstance(item, Chunk):
+                self._taken(item)
                 self._add(batch, item)
                 if batch.count >= self.batch_max_events:
                     batch = self._close(batch)

@@ -76,6 +76,14 @@ class RecordBlock:
             self.next_offset = batch.next_offset
 
     @property
+    def size_bytes(self) -> int:
+        """Bytes the block holds in memory (a compressed batch: once decompressed)."""
+        if isinstance(self.batch, list):
+            return sum(len(r.value or b"") + len(r.key or b"") for r in self.batch)
+        buffer = getattr(self.batch, "_buffer", None)  # decompressed, if it was compressed
+        return len(buffer) if buffer is not None else int(self.batch.size_in_bytes)
+
+    @property
     def count_hint(self) -> int:
         if isinstance(self.batch, list):
             return len(self.batch)
