@@ -42,7 +42,7 @@ from kafka.errors import KafkaError, MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from finopsd.events import UsageEvent, _Event
-from finopsd.ingest.decode import Reject
+from finopsd.ingest.decode import Reject, store_schema
 from finopsd.ingest.formats import Decoder
 from finopsd.ingest.records import FetchedRecord, RecordBlock, Records, install, read_blocks
 from finopsd.pricing import PriceBook, PricingStats
@@ -462,7 +462,7 @@ class IngestWorker:
                 frames.append(rows)
             rejects.extend(Reject(i, r.reason, r.detail) for r in refused)
         if not frames:
-            return route.decoder.empty(), rejects
+            return store_schema(route.model).empty_table(), rejects
         return pa.concat_tables(frames), rejects
 
     def _store_loop(self) -> None:
