@@ -126,6 +126,7 @@ class IngestSettings(_Section):
     queue_chunks: int = Field(8, ge=1, le=1024)
     queue_bytes: int = Field(64 << 20, ge=1 << 20, le=1 << 40)
     dedup_window_hours: float = Field(1, ge=0)
+    max_future_skew_s: float = Field(86_400, ge=0, le=366 * 86_400)
     formats: dict[str, Annotated[str, AfterValidator(_known_format)]] = Field(
         {},
         description="topic -> input format of its usage events; unlisted topics are native",

@@ -21,7 +21,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from finopsd.config import Settings
 from finopsd.events import GpuSample, UsageEvent
 from finopsd.ingest.broker import EmbeddedBroker, ensure_topics
-from finopsd.ingest.decode import BatchDecoder
+from finopsd.ingest.decode import BatchDecoder, TimeWindow
 from finopsd.ingest.formats import NATIVE, make_decoder
 from finopsd.ingest.pipeline import DeadLetterSink, Ingestor, IngestStats, IngestWorker, Route
 from finopsd.pricing import PriceBook, settle_self_hosted
@@ -212,10 +212,14 @@ class Daemon:
                 )
             window = timedelta(hours=s.ingest.dedup_window_hours)
             max_bytes = s.ingest.max_record_bytes
+            ts_window = TimeWindow(timedelta(seconds=s.ingest.max_future_skew_s))
             routes = {
                 topic: Route(
                     make_decoder(
-                        s.ingest.formats.get(topic, NATIVE), UsageEvent, max_record_bytes=max_bytes
+                        s.ingest.formats.get(topic, NATIVE),
+                        UsageEvent,
+                        max_record_bytes=max_bytes,
+                        window=ts_window,
                     ),
                     window,
                 )
@@ -223,7 +227,7 @@ class Daemon:
                 if topic != s.kafka.gpu_topic
             }
             routes[s.kafka.gpu_topic] = Route(
-                BatchDecoder(GpuSample, max_record_bytes=max_bytes), window
+                BatchDecoder(GpuSample, max_record_bytes=max_bytes, window=ts_window), window
             )
             producer_config = dict(
                 bootstrap_servers=bootstrap,

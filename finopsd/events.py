@@ -18,26 +18,65 @@ unknown key is ignored (producers may send more than finopsd stores).
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     ValidationError,
     ValidationInfo,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 
 MAX_TEXT = 256
 """Longest accepted tag or name, in characters."""
 
+# Every number has a bound the store's column holds (BIGINT, DOUBLE) with room for the
+# sums the analyzers take over it; a value beyond one is refused (invalid_value).
 Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
 Tokens = Annotated[int, Field(ge=0, le=2**40)]
-Millis = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Millis = Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]  # up to ~11.6 days
 BlockHash = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Bytes = Annotated[int, Field(ge=0, le=2**60)]  # 1 EiB
+
+RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})?$")
+"""The one timestamp form accepted on the wire: RFC 3339 (a space may stand for the T); the
+offset is required by AwareDatetime after it. pydantic alone would also take a number in a
+string as Unix time."""
+
+
+def _rfc3339(value: Any) -> Any:
+    """A timestamp is an RFC 3339 string (or, from Python, a datetime); nothing else."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str):
+        raise PydanticCustomError("datetime_type", "Input should be an RFC 3339 string")
+    if not RFC3339.match(value):
+        raise ValueError("expected an RFC 3339 timestamp with an offset, e.g. 2026-11-23T05:20:22Z")
+    return value
+
+
+def _in_utc_range(value: datetime) -> datetime:
+    """The instant must be within years 1-9999 in UTC, where the store keeps it."""
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("the instant is outside years 1-9999 in UTC") from None
+    return value
+
+
+# lax: the before-validator hands pydantic a Python str, which strict mode would refuse
+Timestamp = Annotated[
+    AwareDatetime, Strict(False), BeforeValidator(_rfc3339), AfterValidator(_in_utc_range)
+]
 
 
 class _Event(BaseModel):
@@ -64,7 +103,7 @@ class UsageEvent(_Event):
     table: ClassVar[str] = "usage_events"
 
     event_id: Text = Field(description="Idempotency key: a resend with the same id is stored once")
-    ts: AwareDatetime = Field(description="When the request started; RFC 3339 with a UTC offset")
+    ts: Timestamp = Field(description="When the request started; RFC 3339 with a UTC offset")
     provider: Text | None = Field(None, alias="gen_ai.provider.name")
     request_model: Text = Field(alias="gen_ai.request.model")
     response_model: Text | None = Field(None, alias="gen_ai.response.model")
@@ -92,7 +131,7 @@ class UsageEvent(_Event):
     )
     latency_class: Literal["interactive", "batch"] = "interactive"
     quality_score: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
-    gateway_cost_usd: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = Field(
+    gateway_cost_usd: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] | None = Field(
         None,
         alias="cost_usd",
         description="Cost as the gateway computed it, if it did; finopsd prices every event "
@@ -121,15 +160,15 @@ class GpuSample(_Event):
     dedup_key: ClassVar[tuple[str, ...]] = ("host", "gpu_index", "ts")
     table: ClassVar[str] = "gpu_samples"
 
-    ts: AwareDatetime
+    ts: Timestamp
     host: Text
     gpu_index: Annotated[int, Field(ge=0, le=1023)]
     gpu_uuid: Text | None = None
     gpu_model: Text | None = Field(None, description='Product name, e.g. "NVIDIA H100 80GB HBM3"')
     utilization_pct: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
-    memory_used_bytes: Annotated[int, Field(ge=0)] | None = None
-    memory_total_bytes: Annotated[int, Field(ge=0)] | None = None
-    power_watts: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    memory_used_bytes: Bytes | None = None
+    memory_total_bytes: Bytes | None = None
+    power_watts: Annotated[float, Field(ge=0, le=1e6, allow_inf_nan=False)] | None = None
     deployment: Text | None = Field(None, description="The model deployment this GPU serves")
     tenant: Text | None = None
     team: Text | None = None

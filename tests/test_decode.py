@@ -702,12 +702,105 @@ def test_store_schema_matches_store_table(model: type[_Event], tmp_path: Path) -
             st.sampled_from(
                 [b'{"a":"\\ud83d"}', b'{"a":"\\UD800"}', b"{\n}", b"x\\u", b"\\", b"ud", b"d"]
             ),
+            st.integers(190, 210).map(lambda d: b'{"x":' + b"[" * d + b"]" * d + b"}"),
+            st.integers(95, 105).map(lambda d: b"{[" * d),
         ),
         max_size=20,
     ),
     cut=st.integers(0, 5),
 )
-def test_newline_and_surrogate_scan_names_the_right_values(values: list[bytes], cut: int) -> None:
+def test_scan_for_the_model_names_the_right_values(values: list[bytes], cut: int) -> None:
+    """Newlines, surrogate escapes and more than MAX_NESTING opening brackets."""
     array = pa.array(values, type=pa.large_binary()).slice(min(cut, len(values)))
-    expected = [b"\n" in v or b"\\ud" in v.lower() for v in values[min(cut, len(values)) :]]
-    assert decode._newline_or_surrogate(array).to_pylist() == expected
+    expected = [
+        b"\n" in v or b"\\ud" in v.lower() or v.count(b"[") + v.count(b"{") > decode.MAX_NESTING
+        for v in values[min(cut, len(values)) :]
+    ]
+    assert decode._needs_the_model(array).to_pylist() == expected
+
+
+# -- boundaries the store and the analyzers rely on --------------------------------------
+
+
+GPU_BASE = {"ts": "2026-11-23T05:20:22Z", "host": "h", "gpu_index": 0, "utilization_pct": 50}
+
+
+def _gpu(**changes: Any) -> bytes:
+    return json.dumps({**GPU_BASE, **changes}).encode()
+
+
+MALFORMED = b'{"event_id": '
+
+
+@pytest.mark.parametrize(
+    ("value", "reason", "field"),
+    [
+        (_with(ts="0"), "invalid_value", "ts"),
+        (_with(ts="1700000000"), "invalid_value", "ts"),
+        (_with(ts=1700000000), "wrong_type", "ts"),
+        (_with(ts="0001-01-01T00:30:00+01:00"), "invalid_value", "ts"),
+        (_with(ts="9999-12-31T23:30:00-01:00"), "invalid_value", "ts"),
+        (_with(latency_ms=1e308), "invalid_value", "latency_ms"),
+        (_with(cost_usd=1e300), "invalid_value", "cost_usd"),
+        (_gpu(memory_used_bytes=2**63), "invalid_value", "memory_used_bytes"),
+        (_gpu(memory_total_bytes=2**61), "invalid_value", "memory_total_bytes"),
+        (_gpu(power_watts=1e308), "invalid_value", "power_watts"),
+        (_gpu(ts="1700000000"), "invalid_value", "ts"),
+    ],
+)
+def test_values_the_store_cannot_hold_are_refused_in_any_batch(
+    value: bytes, reason: str, field: str
+) -> None:
+    """Refused by the model, and so by the decoder alone, among good neighbours, and
+    beside a malformed record (the path that validates record by record)."""
+    model = GpuSample if b'"host"' in value else UsageEvent
+    good = _gpu() if model is GpuSample else usage_values(1, seed=11)[0]
+    with pytest.raises(ValidationError):
+        model.model_validate_json(value)
+    for batch in ([value], [good, value, good], [good, MALFORMED, value]):
+        frame, rejects = BatchDecoder(model).decode(batch)
+        mine = [r for r in rejects if r.index == batch.index(value)]
+        assert [r.reason for r in mine] == [reason], (batch, rejects)
+        assert field in mine[0].detail
+        assert frame.num_rows == len([v for v in batch if v is good])
+
+
+def test_edge_years_that_stay_in_range_are_stored() -> None:
+    for ts in ("0001-01-01T00:30:00-01:00", "9999-12-31T22:00:00+01:00", "2026-11-23 05:20:22z"):
+        frame, rejects = BatchDecoder(GpuSample).decode([_gpu(ts=ts)])
+        assert not rejects and frame.num_rows == 1, ts
+
+
+def test_a_deeply_nested_unknown_key_gets_the_same_answer_in_any_batch() -> None:
+    """The model's JSON parser refuses nesting past ~200; Arrow's would read it: the model
+    decides, whatever the neighbours."""
+    good = usage_values(3, seed=12)
+    event = json.loads(good[0])
+    for depth, accepted in ((150, True), (10_000, False)):
+        value = json.dumps(event)[:-1].encode() + b', "x": ' + b"[" * depth + b"]" * depth + b"}"
+        expected = True
+        try:
+            UsageEvent.model_validate_json(value)
+        except ValidationError:
+            expected = False
+        assert expected is accepted
+        for batch in ([value], [good[1], value, good[2]], [good[1], MALFORMED, value]):
+            frame, rejects = BatchDecoder(UsageEvent).decode(batch)
+            stored = event["event_id"] in frame.column("event_id").to_pylist()
+            assert stored is accepted, (depth, len(batch), rejects)
+
+
+def test_events_too_far_in_the_future_are_refused_by_every_path() -> None:
+    window = decode.TimeWindow(timedelta(hours=1))
+    soon = datetime.now(UTC) + timedelta(minutes=30)
+    late = datetime.now(UTC) + timedelta(hours=2)
+    ok, ahead = (_gpu(ts=t.isoformat()) for t in (soon, late))
+    for batch in ([ok, ahead], [ok, MALFORMED, ahead]):
+        frame, rejects = BatchDecoder(GpuSample, window=window).decode(batch)
+        assert frame.num_rows == 1
+        (refused,) = [r for r in rejects if r.index == batch.index(ahead)]
+        assert refused.reason == "invalid_value"
+        assert "ingest.max_future_skew_s" in refused.detail
+    # without a window the model alone decides: both stored
+    frame, rejects = BatchDecoder(GpuSample).decode([ok, ahead])
+    assert frame.num_rows == 2 and not rejects

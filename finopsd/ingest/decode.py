@@ -25,7 +25,7 @@ from __future__ import annotations
 import types
 import typing
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import numpy as np
@@ -49,6 +49,7 @@ REASONS = (
     "wrong_type",
     "invalid_value",
     "no_usage",  # a model call that reports no token counts and no text to count them from
+    "internal",  # decoding, pricing or storing the record raised: a bug, logged with the error
 )
 """Dead-letter reason codes, one counter each."""
 
@@ -149,12 +150,17 @@ def _columns(model: type[_Event]) -> list[_Column]:
 
 
 RFC3339 = (
-    r"^([1-9]\d{3}|0[1-9]\d{2}|00[1-9]\d|000[1-9])-\d{2}-\d{2}"
+    r"^(000[2-9]|00[1-9]\d|0[1-9]\d{2}|[1-8]\d{3}|9[0-8]\d{2}|99[0-8]\d|999[0-8])-\d{2}-\d{2}"
     r"T([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,6})?"
     r"(Z|[+-]([01]\d|2[0-3]):[0-5]\d)$"
 )
-"""Timestamps the fast path reads (year 1 onwards, at most microseconds); any other form is
-left to the model."""
+"""Timestamps the fast path reads (years 2-9998, at most microseconds); any other form is
+left to the model, and so are years 1 and 9999, where an offset can move the instant out of
+the range the store keeps."""
+
+MAX_NESTING = 200
+"""Values with more ``[`` and ``{`` bytes than this go to the model: its JSON parser refuses
+nesting deeper than about 200, which Arrow's would read (an unknown key is ignored)."""
 
 TIMESTAMP = pa.timestamp("us", "UTC")
 _NEWLINE = pa.scalar(b"\n", pa.large_binary())
@@ -178,16 +184,48 @@ def store_schema(model: type[_Event]) -> pa.Schema:
     return pa.schema([pa.field(c.name, _STORE_TYPES[c.kind]) for c in _columns(model)])
 
 
+@dataclass(frozen=True)
+class TimeWindow:
+    """Timestamps ingest accepts on top of the model's rules: none more than
+    ``max_future_skew`` ahead of the clock (``ingest.max_future_skew_s``). Such an
+    event would sit in every analyzer's future; it is refused as ``invalid_value``."""
+
+    max_future_skew: timedelta
+
+    def latest(self) -> datetime:
+        """The latest acceptable timestamp, now."""
+        return datetime.now(UTC) + self.max_future_skew
+
+    def refusal(self, ts: datetime, latest: datetime) -> Reject | None:
+        if ts <= latest:
+            return None
+        ahead = (ts - latest + self.max_future_skew).total_seconds()
+        return Reject(
+            0,
+            "invalid_value",
+            f"ts: {ts.isoformat()} is {ahead:.0f}s ahead of now; at most "
+            f"{self.max_future_skew.total_seconds():.0f}s is accepted (ingest.max_future_skew_s)",
+        )
+
+
 class BatchDecoder:
     """Decodes record values of one event model into store rows and rejects.
 
-    ``decode(values)`` is pure (no I/O) and safe to call from a worker thread;
-    its heavy work runs in Arrow without the GIL.
+    ``decode(values)`` is pure (no I/O but the clock, for ``window``) and safe to
+    call from a worker thread; its heavy work runs in Arrow without the GIL.
     """
 
-    def __init__(self, model: type[_Event], *, max_record_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self,
+        model: type[_Event],
+        *,
+        max_record_bytes: int = 1 << 20,
+        window: TimeWindow | None = None,
+    ) -> None:
         self.model = model
         self.max_record_bytes = max_record_bytes
+        self.window = window
+        self._latest: datetime | None = None
         self.columns = _columns(model)
         self.schema = store_schema(model)
         wire = pa.schema([pa.field(c.wire, _WIRE_TYPES[c.kind]) for c in self.columns])
@@ -212,6 +250,8 @@ class BatchDecoder:
         rejects: list[Reject] = []
         if not len(values):
             return self.empty(), rejects
+        # one clock reading per call: every record of the call is judged against it
+        self._latest = self.window.latest() if self.window is not None else None
         # The only per-record Python work: one copy into Arrow. Every scan below runs in
         # Arrow without the GIL, so decoding leaves the polling thread alone.
         batch = (
@@ -224,7 +264,7 @@ class BatchDecoder:
         limit = self.max_record_bytes
         # The fast path takes one JSON object per line; anything else goes to the model,
         # and so does a value with a surrogate escape, where Arrow and the model may disagree.
-        fast = pc.and_not(pc.starts_with(batch, "{"), _newline_or_surrogate(batch))
+        fast = pc.and_not(pc.starts_with(batch, "{"), _needs_the_model(batch))
         oversized = pc.greater(sizes, limit)
         if pc.all(fast).as_py() and not pc.any(oversized).as_py():
             self._decode_chunk(batch, None, values, frames, rejects)
@@ -243,13 +283,20 @@ class BatchDecoder:
         return self._concat(frames), rejects
 
     def decode_one(self, value: bytes) -> dict[str, Any] | Reject:
-        """Validate a single value with the model: its row, or why it was refused."""
+        """Validate a single value with the model (and the window): its row, or why it
+        was refused."""
         if len(value) > self.max_record_bytes:
             return Reject(0, "too_large", f"record is {len(value)} bytes")
         try:
-            return self.model.model_validate_json(value).row()
+            row = self.model.model_validate_json(value).row()
         except ValidationError as exc:
             return Reject(0, _reason(exc), explain(exc))
+        if self.window is not None:
+            latest = self._latest or self.window.latest()
+            refused = self.window.refusal(row["ts"], latest)
+            if refused is not None:
+                return refused
+        return row
 
     def empty(self) -> pa.Table:
         return self.schema.empty_table()
@@ -357,6 +404,8 @@ class BatchDecoder:
                 checks.append(readable)
                 # a timestamp the fast form does not cover is left to the model
                 value = pc.cast(pc.if_else(readable, raw, None), TIMESTAMP)
+                if self._latest is not None:  # beyond the window: the slow path explains
+                    checks.append(pc.less_equal(value, pa.scalar(self._latest, TIMESTAMP)))
             elif c.kind == "str" and (c.min_len is not None or c.max_len is not None):
                 # Bytes bound characters from above, so a string within max_len bytes is
                 # within max_len characters; a longer one is left to the model to judge.
@@ -395,8 +444,9 @@ class _Values:
         return self.batch[i].as_py() or b""
 
 
-def _newline_or_surrogate(batch: pa.LargeBinaryArray) -> pa.BooleanArray:
-    """Per value: it holds a newline byte, or ``\\ud`` in any case (a surrogate escape).
+def _needs_the_model(batch: pa.LargeBinaryArray) -> pa.BooleanArray:
+    """Per value: it holds a newline byte, ``\\ud`` in any case (a surrogate escape), or
+    more than ``MAX_NESTING`` ``[`` and ``{`` bytes (a bound on its nesting depth).
 
     numpy over the whole data buffer (GIL released, about 20× faster than Arrow's
     per-value substring search); then only the values with a hit are named.
@@ -414,6 +464,10 @@ def _newline_or_surrogate(batch: pa.LargeBinaryArray) -> pa.BooleanArray:
         return np.searchsorted(offsets, at + offsets[0], side="right") - 1
 
     flags[owners(np.flatnonzero(data == 0x0A))] = True
+    opens = np.flatnonzero((data == 0x5B) | (data == 0x7B))
+    if len(opens) > MAX_NESTING:
+        counts = np.bincount(owners(opens), minlength=len(batch))
+        flags |= counts > MAX_NESTING
     backslashes = np.flatnonzero(data[:-2] == 0x5C)
     if len(backslashes):
         u = (data[backslashes + 1] | 0x20) == ord("u")
@@ -455,4 +509,4 @@ def _reason(error: ValidationError) -> str:
     return "invalid_value"
 
 
-__all__ = ["REASONS", "BatchDecoder", "Reject", "store_schema"]
+__all__ = ["REASONS", "BatchDecoder", "Reject", "TimeWindow", "store_schema"]

@@ -26,7 +26,7 @@ from typing import Protocol
 import pyarrow as pa
 
 from finopsd.events import _Event
-from finopsd.ingest.decode import BatchDecoder, Reject
+from finopsd.ingest.decode import BatchDecoder, Reject, TimeWindow
 from finopsd.ingest.formats.litellm import LiteLLMDecoder
 from finopsd.ingest.formats.otlp_json import OtlpJsonDecoder
 
@@ -66,14 +66,18 @@ def check_format(name: str) -> str:
     return name
 
 
-def make_decoder(name: str, model: type[_Event], *, max_record_bytes: int) -> Decoder:
+def make_decoder(
+    name: str, model: type[_Event], *, max_record_bytes: int, window: TimeWindow | None = None
+) -> Decoder:
     """A decoder for format ``name`` producing ``model`` rows.
 
     Raises ``UnknownFormatError`` for a name not in ``FORMATS``, and ``ValueError``
     when the format cannot produce ``model`` (``otlp_json`` and ``litellm`` give
     usage events only).
     """
-    decoder: Decoder = FORMATS[check_format(name)](model, max_record_bytes=max_record_bytes)
+    decoder: Decoder = FORMATS[check_format(name)](
+        model, max_record_bytes=max_record_bytes, window=window
+    )
     return decoder
 
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 from pydantic import ValidationError
 
 from finopsd.events import UsageEvent, _Event
-from finopsd.ingest.decode import Reject, _reason, store_schema
+from finopsd.ingest.decode import Reject, TimeWindow, _reason, store_schema
 
 
 class Problem(ValueError):
@@ -154,7 +154,11 @@ class RecordDecoder:
     name = "record"
 
     def __init__(
-        self, model: type[_Event] = UsageEvent, *, max_record_bytes: int = 1 << 20
+        self,
+        model: type[_Event] = UsageEvent,
+        *,
+        max_record_bytes: int = 1 << 20,
+        window: TimeWindow | None = None,
     ) -> None:
         if model is not UsageEvent:
             raise ValueError(
@@ -162,6 +166,7 @@ class RecordDecoder:
             )
         self.model: type[_Event] = model
         self.max_record_bytes = max_record_bytes
+        self.window = window
         self.schema = store_schema(model)
 
     def candidates(self, value: bytes, problems: list[Problem]) -> list[Candidate]:
@@ -177,6 +182,7 @@ class RecordDecoder:
         """
         rows: list[dict[str, Any]] = []
         rejects: list[Reject] = []
+        latest = self.window.latest() if self.window is not None else None
         getter: Callable[[int], bytes]
         if isinstance(values, pa.Array):
             getter = lambda i: values[i].as_py() or b""  # noqa: E731
@@ -205,7 +211,14 @@ class RecordDecoder:
                     detail = explain_for(exc, candidate.sources)
                     failures.append((_reason(exc), f"{candidate.label}: {detail}"))
                 else:
-                    rows.append(event.row())
+                    row = event.row()
+                    late = None
+                    if self.window is not None and latest is not None:
+                        late = self.window.refusal(row["ts"], latest)
+                    if late is not None:
+                        failures.append((late.reason, f"{candidate.label}: {late.detail}"))
+                    else:
+                        rows.append(row)
             if failures:
                 rejects.append(Reject(i, failures[0][0], "; ".join(d for _, d in failures)))
         table = (
