@@ -10,6 +10,7 @@ import argparse
 import itertools
 import json
 import logging
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -107,8 +108,9 @@ def cmd_produce(args: argparse.Namespace) -> int:
     setup_logging(settings, args.debug)
     bootstrap = _bootstrap(args, settings)
     topic = args.topic or settings.kafka.usage_topic
+    seed = args.seed if args.seed is not None else secrets.randbits(32)
     load = UsageLoad(
-        seed=args.seed,
+        seed=seed,
         repeat_share=args.repeat_share,
         duplicate_share=args.duplicate_share,
         invalid_share=args.invalid_share,
@@ -142,6 +144,8 @@ def cmd_produce(args: argparse.Namespace) -> int:
     summary = {
         "topic": topic,
         "bootstrap": bootstrap,
+        "seed": seed,
+        "run_id": load.run_id,
         "sent": sent,
         "seconds": round(elapsed, 3),
         "events_per_second": round(sent / elapsed) if elapsed else None,
@@ -154,7 +158,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
             f"sent {sent:,} messages to {topic} on {bootstrap} in {elapsed:.1f}s "
             f"({summary['events_per_second']:,}/s): {load.counts['valid']:,} valid "
             f"({load.counts['repeat']:,} repeated prompts), {load.counts['duplicate']:,} resends, "
-            f"{load.counts['invalid']:,} invalid"
+            f"{load.counts['invalid']:,} invalid; --seed {seed} sends the same again"
         )
     return 0
 
@@ -555,7 +559,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--topic", help="topic (default: kafka.usage_topic)")
     p.add_argument("--bootstrap", metavar="HOST:PORT", help="broker (default: from config)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="random seed: the same seed sends the same events (and event ids) again, which "
+        "finopsd then stores once; default: a fresh seed each run (printed in the summary)",
+    )
     p.add_argument("--repeat-share", type=_share, default=0.15, help="share of repeated prompts")
     p.add_argument("--duplicate-share", type=_share, default=0.0, help="share of producer resends")
     p.add_argument("--invalid-share", type=_share, default=0.0, help="share of invalid payloads")

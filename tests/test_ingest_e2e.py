@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import (
@@ -508,3 +509,42 @@ def test_produce_command_sends_n_events(topics: Topics, tmp_path: Path) -> None:
     records = consume_all(topics.bootstrap, topics.usage, 500, partitions=USAGE_PARTITIONS)
     assert len(records) == 500
     assert len({r.key for r in records}) == 500
+
+
+def test_produce_runs_send_fresh_event_ids_unless_seeded(topics: Topics, tmp_path: Path) -> None:
+    """Two runs without --seed send different event ids (a second quick-start run is not
+    all duplicates); two runs with the same --seed send the same ones."""
+
+    def produce(*extra: str) -> dict[str, Any]:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "finopsd",
+                "produce",
+                "--bootstrap",
+                topics.bootstrap,
+                "--topic",
+                topics.usage,
+                "-n",
+                "50",
+                "--json",
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=clean_env(),
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    runs = [produce(), produce(), produce("--seed", "7"), produce("--seed", "7")]
+    assert runs[0]["seed"] != runs[1]["seed"] and runs[2]["seed"] == runs[3]["seed"] == 7
+    records = consume_all(topics.bootstrap, topics.usage, 200, partitions=USAGE_PARTITIONS)
+    keys = [r.key.decode() for r in records]
+    by_run = [{k for k in keys if k.startswith(run["run_id"] + "-")} for run in runs]
+    assert [len(ids) for ids in by_run] == [50, 50, 50, 50]
+    assert not by_run[0] & by_run[1]
+    assert by_run[2] == by_run[3] and len(keys) == 200 and len(set(keys)) == 150
