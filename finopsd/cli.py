@@ -11,7 +11,9 @@ import itertools
 import json
 import logging
 import secrets
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -83,11 +85,12 @@ def cmd_broker(args: argparse.Namespace) -> int:
             dict.fromkeys([k.usage_topic, k.gpu_topic, k.dead_letter_topic], eb.partitions),
         )
         print(f"embedded broker on {broker.bootstrap} (memory only); Ctrl-C stops it", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            return 0
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        while not stop.wait(1.0):
+            pass
+        return 0
 
 
 def _bootstrap(args: argparse.Namespace, settings: Settings) -> str:

@@ -9,9 +9,11 @@ stopping it forgets every topic and offset. Test fixtures use the same launcher.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.resources
 import logging
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -44,6 +46,28 @@ def tansu_binary() -> Path:
     if not os.access(path, os.X_OK):
         path.chmod(path.stat().st_mode | 0o111)
     return path
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when finopsd dies, even by kill -9 (Linux).
+
+    The signal follows the death of the thread that started the child: start the
+    broker from a thread that lives as long as the process (the main thread).
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the broker may outlive a kill -9
+        pass
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _listening(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+        return True
+    return False
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -87,6 +111,12 @@ class EmbeddedBroker:
     def start(self) -> str:
         if self._proc is not None:
             return self.bootstrap
+        if _listening(self.host, self.port):
+            raise BrokerError(
+                f"{self.bootstrap} is already in use (another broker, perhaps one left "
+                "running, or another process listens there); stop it or set "
+                "embedded_broker.port"
+            )
         url = f"tcp://{self.host}:{self.port}"
         cmd = [
             str(tansu_binary()),
@@ -100,7 +130,14 @@ class EmbeddedBroker:
         ]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
-        self._proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        self._proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
         if out is not subprocess.DEVNULL:
             out.close()
         deadline = time.monotonic() + self.start_timeout_s
@@ -112,12 +149,14 @@ class EmbeddedBroker:
                     f"embedded broker exited with status {code} while starting on {self.bootstrap}"
                     " (is the port already in use?)"
                 )
-            with (
-                contextlib.suppress(OSError),
-                socket.create_connection((self.host, self.port), timeout=0.2),
-            ):
-                log.info("embedded broker listening on %s", self.bootstrap)
-                return self.bootstrap
+            if _listening(self.host, self.port):
+                # the port was free before the start: the listener is ours unless the
+                # child failed to bind because something took the port meanwhile
+                time.sleep(0.1)
+                if self._proc.poll() is None:
+                    log.info("embedded broker listening on %s", self.bootstrap)
+                    return self.bootstrap
+                continue  # it exited: reported at the top of the loop
             time.sleep(0.05)
         self.stop()
         raise BrokerError(
