@@ -62,13 +62,17 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from finopsd.daemon import Daemon
+    from finopsd.daemon import Daemon, StartupInterrupted
 
     settings = _settings(args)
     setup_logging(settings, args.debug)
     daemon = Daemon(settings)
     daemon.install_signal_handlers()
-    return daemon.run()
+    try:
+        return daemon.run()
+    except StartupInterrupted:
+        log.info("stopped before ingest started")
+        return 0
 
 
 def cmd_broker(args: argparse.Namespace) -> int:

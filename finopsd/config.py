@@ -67,6 +67,33 @@ class KafkaSettings(_Section):
     sasl_password_file: Path | None = None
     ssl_cafile: Path | None = None
 
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, value: str) -> str:
+        """ "embedded", or a comma-separated list of host:port."""
+        if value == "embedded":
+            return value
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            host = host.strip("[]")  # [::1]:9092
+            if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(
+                    f'{server.strip()!r} is not host:port; expected "embedded" or '
+                    '"host:port[,host:port...]"'
+                )
+            if any(c.isspace() for c in host) or "/" in host:
+                raise ValueError(f"{host!r} is not a host name or address")
+        return value
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> KafkaSettings:
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError(
+                f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below "
+                f"session_timeout_ms ({self.session_timeout_ms}); a third of it is usual"
+            )
+        return self
+
     @model_validator(mode="after")
     def _sasl(self) -> KafkaSettings:
         if self.security_protocol.startswith("SASL") and not self.sasl_mechanism:
@@ -120,12 +147,12 @@ def _known_format(name: str) -> str:
 
 
 class IngestSettings(_Section):
-    batch_max_events: int = Field(131_072, ge=1)
-    batch_max_age_ms: int = Field(1_000, ge=1)
+    batch_max_events: int = Field(131_072, ge=1, le=10_000_000)
+    batch_max_age_ms: int = Field(1_000, ge=1, le=3_600_000)
     max_record_bytes: int = Field(1 << 20, ge=256)
     queue_chunks: int = Field(8, ge=1, le=1024)
     queue_bytes: int = Field(64 << 20, ge=1 << 20, le=1 << 40)
-    dedup_window_hours: float = Field(1, ge=0)
+    dedup_window_hours: float = Field(1, ge=0, le=24 * 366)
     max_future_skew_s: float = Field(86_400, ge=0, le=366 * 86_400)
     formats: dict[str, Annotated[str, AfterValidator(_known_format)]] = Field(
         {},
@@ -219,7 +246,7 @@ class PricingSettings(_Section):
     gpu_hour_usd: dict[str, float] = {}
     deployments: list[DeploymentEntry] = []
     disagreement_tolerance: float = Field(0.01, ge=0, le=1)
-    settle_interval_s: float = Field(300, ge=1)
+    settle_interval_s: float = Field(300, ge=1, le=86_400)
     settle_lookback_hours: float = Field(48, gt=0, le=24 * 90)
 
     @model_validator(mode="after")
@@ -321,6 +348,11 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            line = Path(path).read_bytes()[: exc.start].count(b"\n") + 1
+            raise ConfigError(
+                f"{path}: line {line}: not valid UTF-8 (byte {exc.object[exc.start]:#04x})"
+            ) from None
         base = Path(path).resolve().parent
     sections = {name: f.annotation for name, f in Settings.model_fields.items()}
     origin: dict[tuple, str] = {}
@@ -340,6 +372,7 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
         ) from None
     settings = _resolve_paths(settings, base)
     _check_format_topics(settings, f"{path}: " if path is not None else "")
+    _check_files(settings, f"{path}: " if path is not None else "")
     from finopsd.pricing import PriceBook, PricingError
 
     try:
@@ -348,6 +381,31 @@ def load_settings(path: Path | None = None, env: Mapping[str, str] | None = None
         prefix = f"{path}: " if path is not None else ""
         raise ConfigError(f"{prefix}pricing: {exc}") from None
     return settings
+
+
+def _check_files(settings: Settings, prefix: str) -> None:
+    """Files the daemon reads or writes at start, checked before it connects anywhere."""
+    k = settings.kafka
+    for key, file in (("sasl_password_file", k.sasl_password_file), ("ssl_cafile", k.ssl_cafile)):
+        if file is None:
+            continue
+        try:
+            with open(file, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{prefix}kafka.{key}: cannot read {file}: {exc.strerror}") from None
+    store = settings.store.path
+    if store.is_dir():
+        raise ConfigError(f"{prefix}store.path: {store} is a directory; name the store's file")
+    parent = store.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{prefix}store.path: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) and not (
+        store.exists() and os.access(store, os.W_OK)
+    ):
+        raise ConfigError(f"{prefix}store.path: cannot write in {parent}")
 
 
 def _check_format_topics(settings: Settings, prefix: str) -> None:

@@ -64,6 +64,7 @@ def consumer_config(settings: Settings, bootstrap: str) -> dict[str, Any]:
         "heartbeat_interval_ms": k.heartbeat_interval_ms,
         "max_poll_interval_ms": k.max_poll_interval_ms,
         "request_timeout_ms": k.request_timeout_ms,
+        "bootstrap_timeout_ms": k.request_timeout_ms,
         # after an outage, reconnect within a second (kafka-python backs off up to 30 s)
         "reconnect_backoff_max_ms": 1000,
         "max_poll_records": k.max_poll_records,
@@ -169,6 +170,10 @@ class AnalyzerScheduler:
         self.scheduler.shutdown(wait=True)
 
 
+class StartupInterrupted(Exception):
+    """SIGTERM or SIGINT arrived before ingest started; ``run`` exits 0."""
+
+
 class Daemon:
     """finopsd's main job: ingest until told to stop."""
 
@@ -187,8 +192,15 @@ class Daemon:
 
     def install_signal_handlers(self) -> None:
         def handle(signum: int, _frame: FrameType | None) -> None:
-            log.info("received %s: finishing the current batch", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
             self.stop()
+            if not self.ready.is_set():
+                # still starting (a broker that does not answer keeps kafka-python's
+                # constructors busy for up to kafka.request_timeout_ms): stop at once;
+                # nothing has been read yet, so nothing is left half-done
+                log.info("received %s during start-up: stopping", name)
+                raise StartupInterrupted(name)
+            log.info("received %s: finishing the current batch", name)
 
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)

@@ -250,6 +250,7 @@ def test_relative_paths_resolve_against_config_dir(
     """store.path and the other path settings are relative to the config file, not the cwd."""
     conf_dir = tmp_path / "etc" / "finopsd"
     conf_dir.mkdir(parents=True)
+    (conf_dir / "ca.pem").write_text("a CA bundle")  # files named in config must exist
     path = write(
         conf_dir,
         '[store]\npath = "db/finops.duckdb"\n[kafka]\nssl_cafile = "ca.pem"\n'
@@ -325,3 +326,105 @@ def test_cli_config_check_bad_env_and_show_redacts(tmp_path: Path) -> None:
     assert shown.returncode == 0, shown.stderr
     assert SECRET not in shown.stdout + shown.stderr
     assert json.loads(shown.stdout)["kafka"]["sasl_mechanism"] == "PLAIN"
+
+
+# -- what `run` would fail on, caught by `config check` ---------------------------------
+
+
+RUN_WOULD_FAIL = [
+    ("[kafka]\nheartbeat_interval_ms = 10000\nsession_timeout_ms = 10000\n", "heartbeat"),
+    ("[ingest]\ndedup_window_hours = 1e300\n", "ingest.dedup_window_hours"),
+    ('[kafka]\nbootstrap_servers = "not a host"\n', "kafka.bootstrap_servers"),
+    ('[kafka]\nbootstrap_servers = "kafka-1:9092,kafka-2"\n', "kafka.bootstrap_servers"),
+    ('[kafka]\nbootstrap_servers = "kafka-1:99999"\n', "kafka.bootstrap_servers"),
+    (
+        '[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "PLAIN"\n'
+        'sasl_username = "u"\nsasl_password_file = "missing-secret"\n',
+        "kafka.sasl_password_file",
+    ),
+    ('[kafka]\nssl_cafile = "no-such-ca.pem"\n', "kafka.ssl_cafile"),
+    ('[store]\npath = "."\n', "store.path"),
+    ('[store]\npath = "file.txt/store.duckdb"\n', "store.path"),
+]
+
+
+@pytest.mark.parametrize(("text", "key"), RUN_WOULD_FAIL)
+def test_config_check_catches_what_run_would_fail_on(tmp_path: Path, text: str, key: str) -> None:
+    (tmp_path / "file.txt").write_text("not a directory")
+    path = write(tmp_path, text)
+    assert key in config_error(path)
+    result = subprocess.run(
+        [sys.executable, "-m", "finopsd", "config", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert key in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_secret_file_that_is_missing_names_the_key_not_the_secret(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    path = write(
+        tmp_path,
+        '[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "PLAIN"\n'
+        f'sasl_username = "u"\nsasl_password_file = "{secret}"\n',
+    )
+    assert "sasl_password_file" in config_error(path)
+    secret.write_text("hunter2\n")
+    assert load_settings(path, env={}).kafka.password() == "hunter2"
+
+
+def test_invalid_utf8_is_a_config_error_naming_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_bytes(b'[log]\nlevel = "info"\n# caf\xe9\n')
+    message = config_error(path)
+    assert str(path) in message and "line 3" in message and "UTF-8" in message
+    result = subprocess.run(
+        [sys.executable, "-m", "finopsd", "config", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_sigterm_during_start_up_against_an_unanswering_broker_stops_at_once(
+    tmp_path: Path,
+) -> None:
+    """A broker address where nothing answers keeps kafka-python busy at start-up for up to
+    kafka.request_timeout_ms; SIGTERM must not wait for it."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as silent:  # accepts connections (the backlog), never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        path = write(
+            tmp_path,
+            f'[kafka]\nbootstrap_servers = "127.0.0.1:{port}"\nrequest_timeout_ms = 60000\n'
+            f'[store]\npath = "{tmp_path / "s.duckdb"}"\n',
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FINOPSD_")}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "finopsd", "run", "--config", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            assert proc.stdout is not None
+            seen = b""
+            while b"ingesting" not in seen and time.monotonic() < deadline:
+                seen += proc.stdout.readline()
+            assert b"ingesting" in seen, seen
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            started = time.monotonic()
+            assert proc.wait(timeout=15) == 0
+            assert time.monotonic() - started < 5
+        finally:
+            proc.kill()
