@@ -82,6 +82,9 @@ def cmd_broker(args: argparse.Namespace) -> int:
     setup_logging(settings, args.debug)
     eb = settings.embedded_broker
     port = eb.port if args.port is None else args.port
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # stop the broker, then exit 0
+        signal.signal(signum, lambda *_: stop.set())
     with EmbeddedBroker(eb.host, port, log_file=eb.log_file) as broker:
         k = settings.kafka
         ensure_topics(
@@ -89,9 +92,6 @@ def cmd_broker(args: argparse.Namespace) -> int:
             dict.fromkeys([k.usage_topic, k.gpu_topic, k.dead_letter_topic], eb.partitions),
         )
         print(f"embedded broker on {broker.bootstrap} (memory only); Ctrl-C stops it", flush=True)
-        stop = threading.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda *_: stop.set())
         while not stop.wait(1.0):
             pass
         return 0
