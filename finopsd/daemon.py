@@ -170,8 +170,12 @@ class AnalyzerScheduler:
         self.scheduler.shutdown(wait=True)
 
 
-class StartupInterrupted(Exception):
-    """SIGTERM or SIGINT arrived before ingest started; ``run`` exits 0."""
+class StartupInterrupted(BaseException):
+    """SIGTERM or SIGINT arrived while the consumer was connecting; ``run`` exits 0.
+
+    A BaseException, like KeyboardInterrupt, so that no ``except Exception`` on the way
+    (kafka-python's bootstrap loop) takes it for a connection error.
+    """
 
 
 class Daemon:
@@ -184,6 +188,7 @@ class Daemon:
         self.bootstrap: str | None = None
         self._ingestor: Ingestor | None = None
         self._stop = threading.Event()
+        self._connecting = False  # a signal then raises StartupInterrupted (see run)
 
     def stop(self) -> None:
         self._stop.set()
@@ -195,11 +200,16 @@ class Daemon:
             name = signal.Signals(signum).name
             self.stop()
             if not self.ready.is_set():
-                # still starting (a broker that does not answer keeps kafka-python's
-                # constructors busy for up to kafka.request_timeout_ms): stop at once;
-                # nothing has been read yet, so nothing is left half-done
                 log.info("received %s during start-up: stopping", name)
-                raise StartupInterrupted(name)
+                if self._connecting:
+                    # a broker that does not answer keeps kafka-python's consumer
+                    # constructor busy for up to kafka.request_timeout_ms: stop at once;
+                    # nothing has been read yet, so nothing is left half-done. Only
+                    # there: raised elsewhere (a store migration, where DuckDB's
+                    # interrupt check turns it into "Query interrupted") it would leave
+                    # work half-done, so until then run() checks the stop flag instead.
+                    raise StartupInterrupted(name)
+                return
             log.info("received %s: finishing the current batch", name)
 
         signal.signal(signal.SIGTERM, handle)
@@ -264,6 +274,9 @@ class Daemon:
                 s.kafka.dead_letter_topic,
                 timeout_s=s.kafka.request_timeout_ms / 1000,
             )
+            if self._stop.is_set():  # a signal during start-up, before connecting
+                log.info("stopped before ingest started")
+                return 0
             prices = PriceBook.from_settings(s.pricing)
             worker = IngestWorker(
                 store,
@@ -284,8 +297,6 @@ class Daemon:
                 max_poll_records=s.kafka.max_poll_records,
                 on_poll=self.ready.set,
             )
-            if self._stop.is_set():
-                self._ingestor.stop()
             log.info(
                 "ingesting %s from %s into %s (group %s)",
                 ", ".join(topics),
@@ -298,8 +309,14 @@ class Daemon:
             analysis = AnalyzerScheduler(store, prices, s)
             analysis.start()
             try:
-                self._ingestor.run()
+                self._connecting = True
+                if not self._stop.is_set():  # (a signal before the flag was set)
+                    self._ingestor.run()
+            except StartupInterrupted:
+                worker.close()  # the consumer's constructor may be where it was raised
+                raise
             finally:
+                self._connecting = False
                 self._stop.set()
                 analysis.stop()
                 settler.join()

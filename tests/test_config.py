@@ -428,3 +428,49 @@ def test_sigterm_during_start_up_against_an_unanswering_broker_stops_at_once(
             assert time.monotonic() - started < 5
         finally:
             proc.kill()
+
+
+@pytest.mark.parametrize("moment", ["store opening", "connecting"])
+def test_sigterm_during_start_up_against_an_unreachable_broker_exits_0_at_once(
+    tmp_path: Path, moment: str
+) -> None:
+    """Nothing listens on the bootstrap port (kafka-python retries for up to
+    kafka.request_timeout_ms). SIGTERM while the new store is being migrated (the first
+    log line) or while the consumer connects: exit 0 within a couple of seconds, never a
+    DuckDB "Query interrupted" (exit 1)."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    path = write(
+        tmp_path,
+        f'[kafka]\nbootstrap_servers = "127.0.0.1:{port}"\nrequest_timeout_ms = 60000\n'
+        f'[store]\npath = "{tmp_path / "s.duckdb"}"\n',
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINOPSD_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finopsd", "run", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        seen = proc.stdout.readline()  # logging is set up and the signals handled by now
+        if moment == "connecting":
+            deadline = time.monotonic() + 30
+            while b"ECONNREFUSED" not in seen and time.monotonic() < deadline:
+                seen += proc.stdout.readline()
+            assert b"ECONNREFUSED" in seen, seen
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        rc = proc.wait(timeout=15)
+        seen += proc.stdout.read()
+        assert rc == 0, seen.decode()
+        assert time.monotonic() - started < 3, seen.decode()
+        assert b"Traceback" not in seen and b"interrupted" not in seen
+    finally:
+        proc.kill()
