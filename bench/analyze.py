@@ -21,7 +21,10 @@ import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
+from rss import RssSampler
+
 from finopsd.analyzers.runner import build, run_analyzers
+from finopsd.config import load_settings
 from finopsd.pricing import PriceBook, load_catalog
 from finopsd.store import Store
 
@@ -181,6 +184,9 @@ def generate(store: Store, *, start: datetime, events: int, seconds: float, firs
     )
 
 
+rss = RssSampler()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=10_000_000)
@@ -192,9 +198,13 @@ def main() -> int:
     start = now - timedelta(days=args.days)
     with tempfile.TemporaryDirectory() as tmp:
         path = args.keep or Path(tmp) / "bench.duckdb"
-        with Store(path) as store:
+        limit = load_settings(None, env={}).store.memory_limit
+        with Store(path, memory_limit=limit) as store:
             began = time.perf_counter()
-            generate(store, start=start, events=args.events, seconds=args.days * 86400, first_id=0)
+            with rss.phase("generate"):
+                generate(
+                    store, start=start, events=args.events, seconds=args.days * 86400, first_id=0
+                )
             print(
                 f"built {args.events:,} events over {args.days:g} days in "
                 f"{time.perf_counter() - began:.1f}s",
@@ -202,11 +212,15 @@ def main() -> int:
             )
             prices = PriceBook(load_catalog())
             analyzers = build({})
-            full = run_analyzers(store, prices, analyzers, window_days=args.days, now=now)
+            with rss.phase("full run"):
+                full = run_analyzers(store, prices, analyzers, window_days=args.days, now=now)
             per_hour = int(args.events / (args.days * 24))
             generate(store, start=now, events=per_hour, seconds=3600, first_id=args.events)
             later = now + timedelta(hours=1)
-            incremental = run_analyzers(store, prices, analyzers, window_days=args.days, now=later)
+            with rss.phase("incremental run"):
+                incremental = run_analyzers(
+                    store, prices, analyzers, window_days=args.days, now=later
+                )
     for label, runs, target in (
         ("full", full, FULL_TARGET_S),
         ("incremental (+1 hour)", incremental, INCREMENTAL_TARGET_S),
@@ -217,6 +231,8 @@ def main() -> int:
         print(f"{label}: {total:.2f}s (target {target:g}s, ratio {total / target:.2f}) — {parts}")
         for error in errors:
             print(f"  FAILED {error}")
+    print(f"store.memory_limit {limit}; resident memory by phase:")
+    print(rss.report())
     return 0
 
 

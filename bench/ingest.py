@@ -32,6 +32,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
+from rss import RssSampler
 
 from finopsd.config import Settings, load_settings
 from finopsd.daemon import consumer_config, daemon_store
@@ -155,6 +156,7 @@ def finopsd_ingest(bootstrap: str, events: int, settings: Settings, round_no: in
             batch_max_events=settings.ingest.batch_max_events,
             batch_max_age_s=settings.ingest.batch_max_age_ms / 1000,
             queue_chunks=settings.ingest.queue_chunks,
+            queue_bytes=settings.ingest.queue_bytes,
             prices=PriceBook.from_settings(settings.pricing),
         )
         started: list[float] = []
@@ -191,6 +193,9 @@ def finopsd_ingest(bootstrap: str, events: int, settings: Settings, round_no: in
     return elapsed
 
 
+RSS = RssSampler()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=1_000_000)
@@ -218,9 +223,11 @@ def main() -> int:
         ratios = []
         for r in range(1, args.rounds + 1):
             broker_cpu = process_cpu(broker.pid)
-            a = raw_consume(broker.bootstrap, args.events, args.partitions, settings)
+            with RSS.phase("(a) kafka-python"):
+                a = raw_consume(broker.bootstrap, args.events, args.partitions, settings)
             broker_a = process_cpu(broker.pid) - broker_cpu
-            b = finopsd_ingest(broker.bootstrap, args.events, settings, r)
+            with RSS.phase("(b) finopsd ingest"):
+                b = finopsd_ingest(broker.bootstrap, args.events, settings, r)
             broker_b = process_cpu(broker.pid) - broker_cpu - broker_a
             print(
                 f"  broker cpu/event (a) {broker_a / args.events * 1e6:.1f} us, "
@@ -234,7 +241,8 @@ def main() -> int:
                 flush=True,
             )
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS {peak_mib:,.0f} MiB")
+    print(f"peak RSS {peak_mib:,.0f} MiB (whole benchmark, producers aside)")
+    print(RSS.report())
     print(f"median ratio b/a: {statistics.median(ratios):.3f}")
     return 0
 
