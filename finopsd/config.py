@@ -27,11 +27,13 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 ENV_PREFIX = "FINOPSD_"
+INT32_MAX = (1 << 31) - 1  # Kafka's request fields (fetch sizes, rebalance timeout) are int32
 DEFAULT_CONFIG = Path("config.toml")
 
 
@@ -54,12 +56,12 @@ class KafkaSettings(_Section):
     dead_letter_topic: str = Field("finopsd.dead-letters", min_length=1)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: int = Field(10_000, ge=1_000, le=600_000)
-    heartbeat_interval_ms: int = Field(3_000, ge=100)
-    max_poll_interval_ms: int = Field(300_000, ge=1_000)
+    heartbeat_interval_ms: int = Field(3_000, ge=100, le=600_000)
+    max_poll_interval_ms: int = Field(300_000, ge=1_000, le=INT32_MAX)
     request_timeout_ms: int = Field(30_000, ge=1_000, le=300_000)
-    max_poll_records: int = Field(10_000, ge=1)
-    fetch_max_bytes: int = Field(64 << 20, ge=1 << 10)
-    max_partition_fetch_bytes: int = Field(16 << 20, ge=1 << 10)
+    max_poll_records: int = Field(10_000, ge=1, le=INT32_MAX)
+    fetch_max_bytes: int = Field(64 << 20, ge=1 << 10, le=INT32_MAX)
+    max_partition_fetch_bytes: int = Field(16 << 20, ge=1 << 10, le=INT32_MAX)
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
@@ -85,14 +87,16 @@ class KafkaSettings(_Section):
                 raise ValueError(f"{host!r} is not a host name or address")
         return value
 
-    @model_validator(mode="after")
-    def _timeouts(self) -> KafkaSettings:
-        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+    @field_validator("heartbeat_interval_ms")
+    @classmethod
+    def _below_session_timeout(cls, value: int, info: ValidationInfo) -> int:
+        """kafka-python refuses a heartbeat interval that is not below the session timeout."""
+        session = info.data.get("session_timeout_ms")  # absent when invalid itself
+        if session is not None and value >= session:
             raise ValueError(
-                f"heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below "
-                f"session_timeout_ms ({self.session_timeout_ms}); a third of it is usual"
+                f"must be below kafka.session_timeout_ms ({session}); a third of it is usual"
             )
-        return self
+        return value
 
     @model_validator(mode="after")
     def _sasl(self) -> KafkaSettings:
@@ -149,7 +153,7 @@ def _known_format(name: str) -> str:
 class IngestSettings(_Section):
     batch_max_events: int = Field(131_072, ge=1, le=10_000_000)
     batch_max_age_ms: int = Field(1_000, ge=1, le=3_600_000)
-    max_record_bytes: int = Field(1 << 20, ge=256)
+    max_record_bytes: int = Field(1 << 20, ge=256, le=1 << 30)
     queue_chunks: int = Field(8, ge=1, le=1024)
     queue_bytes: int = Field(64 << 20, ge=1 << 20, le=1 << 40)
     dedup_window_hours: float = Field(1, ge=0, le=24 * 366)
@@ -175,11 +179,11 @@ class IngestSettings(_Section):
 
 class StoreSettings(_Section):
     path: Path = Path("data/finopsd.duckdb")
-    threads: int | None = Field(None, ge=1)
-    daemon_threads: int = Field(1, ge=1)
-    vacuum_tasks: int = Field(0, ge=0)
+    threads: int | None = Field(None, ge=1, le=1024)
+    daemon_threads: int = Field(1, ge=1, le=1024)
+    vacuum_tasks: int = Field(0, ge=0, le=INT32_MAX)
     memory_limit: str | None = Field(
-        None, pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$"
+        "256MiB", pattern=r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$"
     )
 
 
@@ -188,7 +192,9 @@ class AnalyzersSettings(_Section):
 
     model_config = ConfigDict(extra="allow", validate_default=True)
 
-    interval_minutes: float = Field(60, gt=0, description="how often the daemon runs them")
+    interval_minutes: float = Field(
+        60, gt=0, le=366 * 24 * 60, description="how often the daemon runs them"
+    )
     window_days: float = Field(30, gt=0, le=366, description="how far back each run looks")
     first_run_delay_s: float = Field(
         60, ge=0, le=86_400, description="after daemon start, before the first runs"
@@ -326,7 +332,8 @@ def _format(error: ValidationError, data: Mapping[str, Any], origin: Mapping[tup
         if isinstance(value, Mapping):
             value = {k: "**********" if "password" in k else v for k, v in value.items()}
         shown = "" if value is None or "password" in key else f" (got {value!r})"
-        lines.append(f"{key}: {err['msg']}{shown}{where}")
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{key}: {msg}{shown}{where}")
     return "\n".join(lines)
 
 

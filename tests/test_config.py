@@ -474,3 +474,31 @@ def test_sigterm_during_start_up_against_an_unreachable_broker_exits_0_at_once(
         assert b"Traceback" not in seen and b"interrupted" not in seen
     finally:
         proc.kill()
+
+
+def _numeric_keys() -> list[tuple[str, str, Any]]:
+    keys = []
+    for section, model in _sections().items():
+        for key, field in model.model_fields.items():
+            text = str(field.annotation)
+            if "float" in text:
+                keys.append((section, key, 1e300))
+            elif "int" in text and "dict" not in text and "list" not in text:
+                keys.append((section, key, 2**63))
+    return keys
+
+
+@pytest.mark.parametrize(("section", "key", "huge"), _numeric_keys())
+def test_every_number_is_bounded(tmp_path: Path, section: str, key: str, huge: Any) -> None:
+    """A duration that no timedelta holds, a count no C or Kafka int32 holds: refused at load
+    (naming the key), not an OverflowError or a DuckDB cast error once running."""
+    path = write(tmp_path, f"[{section}]\n{key} = {huge!r}\n")
+    assert f"{section}.{key}" in config_error(path)
+
+
+def test_analyzer_durations_are_bounded(tmp_path: Path) -> None:
+    for text, key in [
+        ("[analyzers.spend]\ninterval_minutes = 1e300\n", "interval_minutes"),
+        ("[analyzers.caching]\nbackfill_hours = 1e300\n", "backfill_hours"),
+    ]:
+        assert key in config_error(write(tmp_path, text))

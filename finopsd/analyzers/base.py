@@ -104,7 +104,10 @@ class Options(BaseModel):
 
     enabled: bool = True
     interval_minutes: float | None = Field(
-        None, gt=0, description="how often it runs in the daemon; unset: analyzers.interval_minutes"
+        None,
+        gt=0,
+        le=366 * 24 * 60,
+        description="how often it runs in the daemon; unset: analyzers.interval_minutes",
     )
 
 

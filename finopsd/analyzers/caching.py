@@ -167,6 +167,7 @@ class CachingOptions(Options):
     backfill_hours: float = Field(
         6.0,
         ge=0,
+        le=24 * 366 * 100,
         description="the first run simulates only events this recent; 0: the whole history",
     )
     min_requests: int = Field(
