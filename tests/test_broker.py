@@ -119,3 +119,20 @@ def test_a_taken_port_is_reported_not_shared(tmp_path: Path) -> None:
     assert f"127.0.0.1:{port} is already in use" in result.stderr
     assert "Traceback" not in result.stderr
     assert time.monotonic() - started < 30
+
+
+def test_the_listener_is_known_to_be_ours() -> None:
+    """How start() tells its own broker from another process on the port: /proc's socket
+    inodes of the listening port against the child's file descriptors."""
+    import os
+
+    from finopsd.ingest.broker import _holds_listener
+
+    with EmbeddedBroker("127.0.0.1", free_port()) as b, socket.socket() as mine:
+        mine.bind(("127.0.0.1", 0))
+        mine.listen()
+        other = mine.getsockname()[1]
+        assert _holds_listener(b.pid, b.port) is True
+        assert _holds_listener(os.getpid(), b.port) is False
+        assert _holds_listener(os.getpid(), other) is True
+        assert _holds_listener(b.pid, other) is False

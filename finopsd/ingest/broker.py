@@ -17,7 +17,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -48,20 +48,48 @@ def tansu_binary() -> Path:
     return path
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL it when finopsd dies, even by kill -9 (Linux).
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """For the child before exec: SIGKILL it when finopsd dies, even by kill -9 (Linux).
 
     The signal follows the death of the thread that started the child: start the
     broker from a thread that lives as long as the process (the main thread).
     """
+
+    def preexec() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):  # not Linux: the broker may outlive a kill -9
+            return
+        if os.getppid() != parent:  # the parent died before the prctl: no signal comes
+            os._exit(1)
+
+    return preexec
+
+
+def _holds_listener(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds a socket listening on TCP ``port``, from /proc (Linux);
+    None where /proc cannot tell."""
+    inodes = set()
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the broker may outlive a kill -9
-        pass
-
-
-PR_SET_PDEATHSIG = 1
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(FileNotFoundError):
+                for line in Path(table).read_text().splitlines()[1:]:
+                    fields = line.split()
+                    local, state, inode = fields[1], fields[3], fields[9]
+                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{inode}]")
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except (OSError, IndexError, ValueError):
+        return None
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) in inodes:
+                return True
+    return False
 
 
 def _listening(host: str, port: int) -> bool:
@@ -108,14 +136,15 @@ class EmbeddedBroker:
         """The broker's process id (0 when it is not running)."""
         return self._proc.pid if self._proc is not None else 0
 
+    def _in_use(self, who: str) -> str:
+        return f"{self.bootstrap} is already in use ({who}); stop it or set embedded_broker.port"
+
     def start(self) -> str:
         if self._proc is not None:
             return self.bootstrap
         if _listening(self.host, self.port):
             raise BrokerError(
-                f"{self.bootstrap} is already in use (another broker, perhaps one left "
-                "running, or another process listens there); stop it or set "
-                "embedded_broker.port"
+                self._in_use("another broker, perhaps one left running, or another process")
             )
         url = f"tcp://{self.host}:{self.port}"
         cmd = [
@@ -136,7 +165,7 @@ class EmbeddedBroker:
             stderr=subprocess.STDOUT,
             env=env,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with(os.getpid()),
         )
         if out is not subprocess.DEVNULL:
             out.close()
@@ -145,6 +174,8 @@ class EmbeddedBroker:
             if self._proc.poll() is not None:
                 code = self._proc.returncode
                 self._proc = None
+                if _listening(self.host, self.port):
+                    raise BrokerError(self._in_use("another process took it as the broker started"))
                 raise BrokerError(
                     f"embedded broker exited with status {code} while starting on {self.bootstrap}"
                     " (is the port already in use?)"
@@ -152,13 +183,18 @@ class EmbeddedBroker:
             if _listening(self.host, self.port):
                 # the port was free before the start: the listener is ours unless the
                 # child failed to bind because something took the port meanwhile
-                time.sleep(0.1)
-                if self._proc.poll() is None:
+                ours = _holds_listener(self._proc.pid, self.port)
+                if ours is None:  # no /proc: ours if the child has not exited meanwhile
+                    time.sleep(0.1)
+                    ours = self._proc.poll() is None
+                if ours:
                     log.info("embedded broker listening on %s", self.bootstrap)
                     return self.bootstrap
-                continue  # it exited: reported at the top of the loop
             time.sleep(0.05)
+        taken = _listening(self.host, self.port)
         self.stop()
+        if taken:
+            raise BrokerError(self._in_use("another process took it as the broker started"))
         raise BrokerError(
             f"embedded broker did not listen on {self.bootstrap} within {self.start_timeout_s}s"
         )
