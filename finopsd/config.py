@@ -399,10 +399,14 @@ def _check_files(settings: Settings, prefix: str) -> None:
         if file is None:
             continue
         try:
-            with open(file, "rb"):
-                pass
+            with open(file, "rb") as f:
+                text = f.read().decode() if key == "sasl_password_file" else None
         except OSError as exc:
             raise ConfigError(f"{prefix}kafka.{key}: cannot read {file}: {exc.strerror}") from None
+        except UnicodeDecodeError:  # the message would show the bytes: never a secret's
+            raise ConfigError(f"{prefix}kafka.{key}: {file} is not UTF-8 text") from None
+        if text is not None and not text.strip():
+            raise ConfigError(f"{prefix}kafka.{key}: {file} is empty")
     store = settings.store.path
     if store.is_dir():
         raise ConfigError(f"{prefix}store.path: {store} is a directory; name the store's file")

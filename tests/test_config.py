@@ -502,3 +502,21 @@ def test_analyzer_durations_are_bounded(tmp_path: Path) -> None:
         ("[analyzers.caching]\nbackfill_hours = 1e300\n", "backfill_hours"),
     ]:
         assert key in config_error(write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"), [(b"\xffhunter2\xfe\n", "not UTF-8"), (b"\n", "is empty")]
+)
+def test_a_secret_file_that_run_could_not_use_is_refused_without_showing_it(
+    tmp_path: Path, content: bytes, reason: str
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(content)
+    path = write(
+        tmp_path,
+        '[kafka]\nsecurity_protocol = "SASL_SSL"\nsasl_mechanism = "PLAIN"\n'
+        f'sasl_username = "u"\nsasl_password_file = "{secret}"\n',
+    )
+    message = config_error(path)
+    assert "kafka.sasl_password_file" in message and reason in message
+    assert "hunter2" not in message and "\\xff" not in message
