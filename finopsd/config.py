@@ -407,18 +407,25 @@ def _check_files(settings: Settings, prefix: str) -> None:
             raise ConfigError(f"{prefix}kafka.{key}: {file} is not UTF-8 text") from None
         if text is not None and not text.strip():
             raise ConfigError(f"{prefix}kafka.{key}: {file} is empty")
-    store = settings.store.path
-    if store.is_dir():
-        raise ConfigError(f"{prefix}store.path: {store} is a directory; name the store's file")
-    parent = store.parent
+    _check_writable(settings.store.path, "store.path", "the store's file", prefix)
+    log_file = settings.embedded_broker.log_file
+    if k.embedded and log_file is not None:
+        _check_writable(log_file, "embedded_broker.log_file", "a file", prefix)
+
+
+def _check_writable(file: Path, key: str, what: str, prefix: str) -> None:
+    """``file`` can be written, its missing parent directories created."""
+    if file.is_dir():
+        raise ConfigError(f"{prefix}{key}: {file} is a directory; name {what}")
+    parent = file.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
-        raise ConfigError(f"{prefix}store.path: {parent} is not a directory")
+        raise ConfigError(f"{prefix}{key}: {parent} is not a directory")
     if not os.access(parent, os.W_OK | os.X_OK) and not (
-        store.exists() and os.access(store, os.W_OK)
+        file.exists() and os.access(file, os.W_OK)
     ):
-        raise ConfigError(f"{prefix}store.path: cannot write in {parent}")
+        raise ConfigError(f"{prefix}{key}: cannot write in {parent}")
 
 
 def _check_format_topics(settings: Settings, prefix: str) -> None:

@@ -136,3 +136,9 @@ def test_the_listener_is_known_to_be_ours() -> None:
         assert _holds_listener(os.getpid(), b.port) is False
         assert _holds_listener(os.getpid(), other) is True
         assert _holds_listener(b.pid, other) is False
+
+
+def test_the_log_file_directory_is_created(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "tansu.log"
+    with EmbeddedBroker("127.0.0.1", free_port(), log_file=log):
+        assert log.is_file()

@@ -345,6 +345,8 @@ RUN_WOULD_FAIL = [
     ('[kafka]\nssl_cafile = "no-such-ca.pem"\n', "kafka.ssl_cafile"),
     ('[store]\npath = "."\n', "store.path"),
     ('[store]\npath = "file.txt/store.duckdb"\n', "store.path"),
+    ('[embedded_broker]\nlog_file = "."\n', "embedded_broker.log_file"),
+    ('[embedded_broker]\nlog_file = "file.txt/tansu.log"\n', "embedded_broker.log_file"),
 ]
 
 
