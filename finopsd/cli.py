@@ -698,7 +698,11 @@ not in --format exits 2.""",
         "saving first. The daemon runs them on a schedule; this runs them on demand.",
     )
     p.add_argument("--only", metavar="NAME[,NAME]", help="run only these analyzers")
-    p.add_argument("--window-days", type=float, help="days to look back (default from config)")
+    p.add_argument(
+        "--window-days",
+        type=_window_days,
+        help="days to look back, at most 366 (default: analyzers.window_days)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_analyze)
 
@@ -757,6 +761,17 @@ def _period_bound(text: str) -> Any:
         return parse_bound(text)
     except PeriodError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _window_days(text: str) -> float:
+    """As analyzers.window_days: more than 0, at most 366."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 366:
+        raise argparse.ArgumentTypeError(f"{text} is not more than 0 and at most 366")
+    return value
 
 
 def _share(text: str) -> float:

@@ -522,3 +522,15 @@ def test_a_secret_file_that_run_could_not_use_is_refused_without_showing_it(
     message = config_error(path)
     assert "kafka.sasl_password_file" in message and reason in message
     assert "hunter2" not in message and "\\xff" not in message
+
+
+def test_analyze_window_days_is_bounded_like_the_setting(tmp_path: Path) -> None:
+    path = write(tmp_path, f'[store]\npath = "{tmp_path / "s.duckdb"}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "finopsd", "analyze", "-c", str(path), "--window-days", "1e300"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "--window-days" in result.stderr
+    assert "Traceback" not in result.stderr
