@@ -472,7 +472,7 @@ def test_sigterm_during_start_up_against_an_unreachable_broker_exits_0_at_once(
         rc = proc.wait(timeout=15)
         seen += proc.stdout.read()
         assert rc == 0, seen.decode()
-        assert time.monotonic() - started < 3, seen.decode()
+        assert time.monotonic() - started < 5, seen.decode()
         assert b"Traceback" not in seen and b"interrupted" not in seen
     finally:
         proc.kill()
