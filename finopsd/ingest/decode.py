@@ -464,7 +464,7 @@ def _needs_the_model(batch: pa.LargeBinaryArray) -> pa.BooleanArray:
         return np.searchsorted(offsets, at + offsets[0], side="right") - 1
 
     flags[owners(np.flatnonzero(data == 0x0A))] = True
-    opens = np.flatnonzero((data == 0x5B) | (data == 0x7B))
+    opens = np.flatnonzero((data | 0x20) == 0x7B)  # "[" is 0x5B, "{" 0x7B: one compare
     if len(opens) > MAX_NESTING:
         counts = np.bincount(owners(opens), minlength=len(batch))
         flags |= counts > MAX_NESTING
