@@ -34,6 +34,14 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+    except OSError:
+        return False
+    return True
+
+
 def tansu_child(pid: int) -> int:
     def find() -> int | None:
         for child in children(pid):
@@ -89,6 +97,7 @@ def test_the_broker_dies_with_a_killed_parent(tmp_path: Path) -> None:
         proc.kill()
         proc.wait(timeout=10)
         wait_for(lambda: not alive(broker), timeout=10, what="the orphaned broker to die")
+        wait_for(lambda: not listening(port), timeout=10, what=f"port {port} to be released")
         b = EmbeddedBroker("127.0.0.1", port)  # the port is free again
         b.start()
         b.stop()
