@@ -252,6 +252,14 @@ EDGE_CASES: dict[str, bytes] = {
     "two_objects": encode(BASE) + b"{}",
     "empty_object": b"{}",
     "invalid_utf8": b'{"event_id": "\xff\xfe"}',
+    # pydantic's parser refuses a number with more than 4,300 integer digits; Arrow's reads it
+    "long_int_in_unknown_key": encode(BASE)[:-1] + b', "x": ' + b"9" * 4301 + b"}",
+    "long_int_at_parser_limit": encode(BASE)[:-1] + b', "x": -' + b"9" * 4300 + b"}",
+    "long_mantissa_in_float": encode(BASE)[:-1]
+    + b', "quality_score": 1'
+    + b"0" * 4301
+    + b"e-4301}",
+    "long_fraction_in_float": encode(BASE)[:-1] + b', "quality_score": 0.' + b"5" * 5000 + b"}",
 }
 
 
@@ -704,16 +712,27 @@ def test_store_schema_matches_store_table(model: type[_Event], tmp_path: Path) -
             ),
             st.integers(190, 210).map(lambda d: b'{"x":' + b"[" * d + b"]" * d + b"}"),
             st.integers(95, 105).map(lambda d: b"{[" * d),
+            st.tuples(st.integers(3990, 4010), st.sampled_from([b"", b"{", b"-", b"0."])).map(
+                lambda t: t[1] + b"7" * t[0] + b"}"
+            ),
+            st.integers(1, 3).map(lambda k: b'{"x":' + b"1" * 2000 * k + b"." + b"2" * 2500),
+            # long enough to be scanned for digits, flagged for something else
+            st.integers(1400, 1500).map(lambda n: b'{"a":"\\ud800",\n' + b"[12 " * n),
         ),
         max_size=20,
     ),
     cut=st.integers(0, 5),
 )
 def test_scan_for_the_model_names_the_right_values(values: list[bytes], cut: int) -> None:
-    """Newlines, surrogate escapes and more than MAX_NESTING opening brackets."""
+    """Newlines, surrogate escapes, more than MAX_NESTING opening brackets and runs of more
+    than MAX_DIGITS digits."""
     array = pa.array(values, type=pa.large_binary()).slice(min(cut, len(values)))
+    long_run = re.compile(rb"[0-9]{%d}" % (decode.MAX_DIGITS + 1))
     expected = [
-        b"\n" in v or b"\\ud" in v.lower() or v.count(b"[") + v.count(b"{") > decode.MAX_NESTING
+        b"\n" in v
+        or b"\\ud" in v.lower()
+        or v.count(b"[") + v.count(b"{") > decode.MAX_NESTING
+        or long_run.search(v) is not None
         for v in values[min(cut, len(values)) :]
     ]
     assert decode._needs_the_model(array).to_pylist() == expected
@@ -788,6 +807,31 @@ def test_a_deeply_nested_unknown_key_gets_the_same_answer_in_any_batch() -> None
             frame, rejects = BatchDecoder(UsageEvent).decode(batch)
             stored = event["event_id"] in frame.column("event_id").to_pylist()
             assert stored is accepted, (depth, len(batch), rejects)
+
+
+def test_a_number_with_too_many_digits_gets_the_same_answer_in_any_batch() -> None:
+    """The model's JSON parser refuses an integer part of more than 4,300 digits; Arrow's
+    reads it (in an ignored key, or as a float): the model decides, whatever the neighbours."""
+    good = usage_values(3, seed=13)
+    event = json.loads(good[0])
+    head = json.dumps(event)[:-1].encode()
+    for tail, accepted in (
+        (b', "x": ' + b"9" * 4300 + b"}", True),
+        (b', "x": ' + b"9" * 4301 + b"}", False),
+        (b', "quality_score": 1' + b"0" * 4299 + b"e-4299}", True),
+        (b', "quality_score": 1' + b"0" * 4300 + b"e-4300}", False),
+    ):
+        value = head + tail
+        expected = True
+        try:
+            UsageEvent.model_validate_json(value)
+        except ValidationError:
+            expected = False
+        assert expected is accepted
+        for batch in ([value], [good[1], value, good[2]], [good[1], MALFORMED, value]):
+            frame, rejects = BatchDecoder(UsageEvent).decode(batch)
+            stored = event["event_id"] in frame.column("event_id").to_pylist()
+            assert stored is accepted, (tail[:20], len(batch), rejects)
 
 
 def test_events_too_far_in_the_future_are_refused_by_every_path() -> None:

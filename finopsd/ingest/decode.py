@@ -162,6 +162,11 @@ MAX_NESTING = 200
 """Values with more ``[`` and ``{`` bytes than this go to the model: its JSON parser refuses
 nesting deeper than about 200, which Arrow's would read (an unknown key is ignored)."""
 
+MAX_DIGITS = 4000
+"""Values with a run of more ASCII digits than this go to the model: its JSON parser refuses
+a number whose integer part has more than 4,300 digits ("number out of range", Python's
+limit on int-to-text digits), which Arrow's reads (as a float, or in an ignored key)."""
+
 TIMESTAMP = pa.timestamp("us", "UTC")
 _NEWLINE = pa.scalar(b"\n", pa.large_binary())
 
@@ -445,8 +450,9 @@ class _Values:
 
 
 def _needs_the_model(batch: pa.LargeBinaryArray) -> pa.BooleanArray:
-    """Per value: it holds a newline byte, ``\\ud`` in any case (a surrogate escape), or
-    more than ``MAX_NESTING`` ``[`` and ``{`` bytes (a bound on its nesting depth).
+    """Per value: it holds a newline byte, ``\\ud`` in any case (a surrogate escape),
+    more than ``MAX_NESTING`` ``[`` and ``{`` bytes (a bound on its nesting depth), or a
+    run of more than ``MAX_DIGITS`` digits (only a value that long can hold one).
 
     numpy over the whole data buffer (GIL released, about 20× faster than Arrow's
     per-value substring search); then only the values with a hit are named.
@@ -468,6 +474,11 @@ def _needs_the_model(batch: pa.LargeBinaryArray) -> pa.BooleanArray:
     if len(opens) > MAX_NESTING:
         counts = np.bincount(owners(opens), minlength=len(batch))
         flags |= counts > MAX_NESTING
+    # only a value longer than MAX_DIGITS can hold such a run: rare (records are ~0.5 KB),
+    # so those are scanned one by one, at about the cost of parsing them
+    for i in np.flatnonzero(np.diff(offsets) > MAX_DIGITS).tolist():
+        if _long_digit_run(data[offsets[i] - offsets[0] : offsets[i + 1] - offsets[0]]):
+            flags[i] = True
     backslashes = np.flatnonzero(data[:-2] == 0x5C)
     if len(backslashes):
         u = (data[backslashes + 1] | 0x20) == ord("u")
@@ -477,6 +488,15 @@ def _needs_the_model(batch: pa.LargeBinaryArray) -> pa.BooleanArray:
         inside = at + 3 + offsets[0] <= offsets[values + 1]  # not across two values
         flags[values[inside]] = True
     return pa.array(flags)
+
+
+def _long_digit_run(value: np.ndarray) -> bool:
+    """Whether the bytes ``value`` hold a run of more than ``MAX_DIGITS`` ASCII digits."""
+    digit = (value - np.uint8(0x30)) < 10
+    if np.count_nonzero(digit) <= MAX_DIGITS:
+        return False
+    edges = np.flatnonzero(np.diff(digit, prepend=False, append=False))  # run starts, ends
+    return bool((np.diff(edges)[0::2] > MAX_DIGITS).any())
 
 
 def _no_null_items(lists: pa.ChunkedArray) -> pa.ChunkedArray:
