@@ -9,22 +9,30 @@ add one more hour of events and time the incremental run. Prints both, each
 analyzer's share, and the ratios against the targets (full <= 5 s,
 incremental <= 0.5 s on the 2-core development machine).
 
-    python bench/analyze.py [--events N] [--days D] [--keep PATH]
+    python bench/analyze.py [--events N] [--days D] [--keep PATH | --start-from PATH]
+
+--keep PATH copies the generated store to PATH before any analyzer runs;
+--start-from PATH runs on a copy of such a store instead of generating one
+(N and D are then read from it).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
+import resource
+import shutil
 import sys
 import tempfile
 import time
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
-from rss import RssSampler
+from rss import RssSampler, current_mib
 
 from finopsd.analyzers.runner import build, run_analyzers
 from finopsd.config import load_settings
+from finopsd.daemon import daemon_store
 from finopsd.pricing import PriceBook, load_catalog
 from finopsd.store import Store
 
@@ -187,42 +195,108 @@ def generate(store: Store, *, start: datetime, events: int, seconds: float, firs
 rss = RssSampler()
 
 
+def _build(path: Path, start: datetime, events: int, days: float) -> None:
+    """The bench's own generator, in a process of its own and without a memory limit:
+    one 10 M-row INSERT … SELECT does not fit the daemon's, and its leftovers would
+    count in the analyzers' resident memory."""
+    with Store(path) as store:
+        generate(store, start=start, events=events, seconds=days * 86400, first_id=0)
+
+
+by_analyzer = RssSampler()
+
+
+def _measure(analyzers: list, label: list[str]) -> None:
+    """Sample resident memory during each analyzer's run, as phase "<label[0]> <name>"."""
+    for analyzer in analyzers:
+
+        def run(ctx, _run=analyzer.run, _name=analyzer.name):
+            with by_analyzer.phase(f"{label[0]} {_name}"):
+                return _run(ctx)
+
+        analyzer.run = run
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=10_000_000)
     parser.add_argument("--days", type=float, default=30.0)
-    parser.add_argument("--keep", type=Path, help="build the store here and keep it")
+    parser.add_argument("--keep", type=Path, help="keep a copy of the generated store here")
+    parser.add_argument("--start-from", type=Path, help="a store kept by --keep, used in a copy")
+    parser.add_argument(
+        "--threads", type=int, help="DuckDB threads for the runs (default: store.daemon_threads)"
+    )
     args = parser.parse_args()
 
     now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     start = now - timedelta(days=args.days)
+    settings = load_settings(None, env={})
+    if args.threads:
+        settings.store.daemon_threads = args.threads
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.keep or Path(tmp) / "bench.duckdb"
-        limit = load_settings(None, env={}).store.memory_limit
-        with Store(path) as store:  # the bench's own generator: no limit
-            began = time.perf_counter()
-            with rss.phase("generate"):
-                generate(
-                    store, start=start, events=args.events, seconds=args.days * 86400, first_id=0
+        path = Path(tmp) / "bench.duckdb"
+        if args.start_from:
+            shutil.copyfile(args.start_from, path)
+            with Store(path, read_only=True) as kept:
+                count, first, last = (
+                    kept.cursor()
+                    .execute("SELECT count(*), min(ts), max(ts) FROM usage_events")
+                    .fetchone()
                 )
+            args.events = count
+            now = last.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+            now += timedelta(hours=1)
+            args.days = round((now - first).total_seconds() / 86400, 3)
+            print(f"copied {count:,} events over {args.days:g} days from {args.start_from}")
+        else:
+            began = time.perf_counter()
+            child = mp.get_context("spawn").Process(
+                target=_build, args=(path, start, args.events, args.days)
+            )
+            child.start()
+            child.join()
+            if child.exitcode:
+                print(f"generator failed (exit {child.exitcode})")
+                return 1
+            gen_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
             print(
                 f"built {args.events:,} events over {args.days:g} days in "
-                f"{time.perf_counter() - began:.1f}s",
+                f"{time.perf_counter() - began:.1f}s "
+                f"(generator process peak RSS {gen_peak:,.0f} MiB)",
                 flush=True,
             )
-            if limit:  # the analyzers run under the daemon's DuckDB memory limit
-                store.cursor().execute(f"SET memory_limit = '{limit}'")
+            if args.keep:
+                shutil.copyfile(path, args.keep)
+        # the analyzers run on the store as the daemon opens it: store.memory_limit,
+        # store.daemon_threads, store.vacuum_tasks
+        before = current_mib()
+        with daemon_store(settings, path) as store:
+            opened = current_mib()
+            con = store.cursor()
+            limits = dict(
+                con.execute(
+                    "SELECT name, value FROM duckdb_settings() "
+                    "WHERE name IN ('memory_limit', 'threads', 'temp_directory')"
+                ).fetchall()
+            )
             prices = PriceBook(load_catalog())
             analyzers = build({})
+            label = ["full"]
+            _measure(analyzers, label)
             with rss.phase("full run"):
                 full = run_analyzers(store, prices, analyzers, window_days=args.days, now=now)
             per_hour = int(args.events / (args.days * 24))
-            generate(store, start=now, events=per_hour, seconds=3600, first_id=args.events)
+            with rss.phase("add one hour"):
+                generate(store, start=now, events=per_hour, seconds=3600, first_id=args.events)
             later = now + timedelta(hours=1)
+            label[0] = "incremental"
             with rss.phase("incremental run"):
                 incremental = run_analyzers(
                     store, prices, analyzers, window_days=args.days, now=later
                 )
+            spilled = con.execute(
+                "SELECT coalesce(sum(size), 0) FROM duckdb_temporary_files()"
+            ).fetchone()
     for label, runs, target in (
         ("full", full, FULL_TARGET_S),
         ("incremental (+1 hour)", incremental, INCREMENTAL_TARGET_S),
@@ -233,8 +307,25 @@ def main() -> int:
         print(f"{label}: {total:.2f}s (target {target:g}s, ratio {total / target:.2f}) — {parts}")
         for error in errors:
             print(f"  FAILED {error}")
-    print(f"store.memory_limit {limit}; resident memory by phase:")
+    print(
+        f"DuckDB memory_limit {limits.get('memory_limit')} (store.memory_limit "
+        f"{settings.store.memory_limit!r}), threads {limits.get('threads')}, "
+        f"temp_directory {limits.get('temp_directory')}; "
+        f"temporary files at the end {(spilled[0] if spilled else 0) / 2**20:,.0f} MiB"
+    )
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        f"peak RSS {peak:,.0f} MiB (ru_maxrss, analyzer process; {before:,.0f} MiB before "
+        f"the store was opened, {opened:,.0f} MiB after); by phase:"
+    )
     print(rss.report())
+    for run_label in ("full", "incremental"):
+        peaks = [
+            f"{name.split(' ', 1)[1]} {peak:,.0f} ({peak - begin:+,.0f})"
+            for name, (begin, peak) in by_analyzer.phases.items()
+            if name.startswith(run_label + " ")
+        ]
+        print(f"  {run_label} run, peak RSS by analyzer, MiB: {', '.join(peaks)}")
     return 0
 
 
