@@ -256,9 +256,11 @@ class IngestWorker:
         self.queue_bytes = queue_bytes
         self._queued_bytes = 0  # record-batch bytes of the chunks in _chunks
         self._queued = threading.Condition()
-        # one closed batch waits while another is stored: no deeper, or the store falls
-        # behind and a stop has to wait for it
+        # a closed batch is handed to the store thread only when it has taken the one
+        # before: at most two batches live (one stored, one gathered). A deeper queue
+        # holds a third (~50 MiB at 131,072 events) and a stop has to wait for it.
         self._batches: queue.Queue[object] = queue.Queue(maxsize=1)
+        self._handed = threading.Event()  # set when the store thread takes a batch
         self._stored: dict[tuple[str, int], int] = {}
         self._stored_lock = threading.Lock()
         self._error: BaseException | None = None
@@ -361,12 +363,17 @@ class IngestWorker:
             self._error = exc
 
     def _hand_over(self, item: object) -> None:
+        """Pass ``item`` to the store thread; return once that thread has taken it."""
+        self._handed.clear()
         while self._error is None and not self._abandoned.is_set():
             try:
                 self._batches.put(item, timeout=0.1)
-                return
+                break
             except queue.Full:
                 continue
+        while self._error is None and not self._abandoned.is_set():
+            if self._handed.wait(0.1):
+                return
 
     def _decode_loop(self) -> None:
         batch = _Batch()
@@ -471,6 +478,7 @@ class IngestWorker:
                 item = self._batches.get(timeout=0.1)
             except queue.Empty:
                 continue
+            self._handed.set()
             if isinstance(item, _Batch):
                 try:
                     self._store(item)
