@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import shutil
 import sys
@@ -32,7 +33,7 @@ from rss import RssSampler, current_mib
 
 from finopsd.analyzers.runner import build, run_analyzers
 from finopsd.config import load_settings
-from finopsd.daemon import daemon_store
+from finopsd.daemon import bound_allocators, daemon_store
 from finopsd.pricing import PriceBook, load_catalog
 from finopsd.store import Store
 
@@ -230,7 +231,10 @@ def main() -> int:
 
     now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     start = now - timedelta(days=args.days)
-    settings = load_settings(None, env={})
+    # FINOPSD_STORE__* etc. from the environment tune the run, as for the daemon
+    settings = load_settings(
+        None, env={k: v for k, v in os.environ.items() if k.startswith("FINOPSD_")}
+    )
     if args.threads:
         settings.store.daemon_threads = args.threads
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,6 +273,7 @@ def main() -> int:
                 shutil.copyfile(path, args.keep)
         # the analyzers run on the store as the daemon opens it: store.memory_limit,
         # store.daemon_threads, store.vacuum_tasks
+        bound_allocators()  # as the daemon does
         before = current_mib()
         with daemon_store(settings, path) as store:
             opened = current_mib()

@@ -35,7 +35,7 @@ from kafka import KafkaConsumer, TopicPartition
 from rss import RssSampler
 
 from finopsd.config import Settings, load_settings
-from finopsd.daemon import consumer_config, daemon_store
+from finopsd.daemon import bound_allocators, consumer_config, daemon_store
 from finopsd.events import UsageEvent
 from finopsd.ingest.broker import EmbeddedBroker, ensure_topics
 from finopsd.ingest.decode import BatchDecoder
@@ -213,6 +213,7 @@ def main() -> int:
             "FINOPSD_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
         },
     )
+    bound_allocators()  # as the daemon does, for both (a) and (b)
     with EmbeddedBroker() as broker:
         ensure_topics(broker.bootstrap, {TOPIC: args.partitions})
         took = produce_all(broker.bootstrap, args.events, args.producers)

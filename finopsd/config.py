@@ -183,7 +183,7 @@ class StoreSettings(_Section):
     daemon_threads: int = Field(1, ge=1, le=1024)
     vacuum_tasks: int = Field(0, ge=0, le=INT32_MAX)
     memory_limit: str | None = Field(
-        "256MiB",
+        "128MiB",
         pattern=r"^(\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB))?$",
         description='DuckDB memory_limit; "" lets DuckDB decide',
     )

@@ -7,6 +7,8 @@ batch in flight, stores it, commits its offsets and returns 0.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import logging
 import signal
 import threading
@@ -16,6 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import pyarrow as pa
 from kafka import KafkaConsumer, KafkaProducer
 
 from finopsd.config import Settings
@@ -28,6 +31,32 @@ from finopsd.pricing import PriceBook, settle_self_hosted
 from finopsd.store import Store
 
 log = logging.getLogger(__name__)
+
+MMAP_THRESHOLD = 256 << 10
+"""Allocations from the C library's malloc at least this large get pages of their own,
+which go back to the system when freed (glibc's ``M_MMAP_THRESHOLD``)."""
+
+
+def bound_allocators() -> None:
+    """Allocators that give memory back: what the daemon frees leaves its resident set.
+
+    Arrow's buffers come from the C library's malloc instead of Arrow's default
+    mimalloc pool, which kept ~100 MiB of freed batches resident; and glibc's mmap
+    threshold is fixed at ``MMAP_THRESHOLD`` (glibc raises it after each large free,
+    up to 32 MiB, and the heap then keeps the fetched record batches). Where glibc
+    is not the C library only Arrow's pool changes. Measured in
+    ``bench/daemon.py``; see DEVELOPERS.md, "Memory".
+    """
+    pa.set_memory_pool(pa.system_memory_pool())
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError):
+        return
+    m_mmap_threshold = -3  # glibc's malloc.h
+    mallopt(m_mmap_threshold, MMAP_THRESHOLD)
 
 
 @contextlib.contextmanager
@@ -217,6 +246,7 @@ class Daemon:
 
     def run(self) -> int:
         s = self.settings
+        bound_allocators()
         with (
             kafka_endpoint(s) as bootstrap,
             daemon_store(s) as store,

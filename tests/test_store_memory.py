@@ -23,9 +23,9 @@ def _duckdb(store, name: str) -> str:
 
 def test_daemon_store_has_a_memory_budget_and_spills_beside_the_file(tmp_path: Path) -> None:
     settings = _settings(tmp_path)
-    assert settings.store.memory_limit == "256MiB"
+    assert settings.store.memory_limit == "128MiB"
     with daemon_store(settings) as store:
-        assert _duckdb(store, "memory_limit") == "256.0 MiB"
+        assert _duckdb(store, "memory_limit") == "128.0 MiB"
         assert _duckdb(store, "threads") == "1"
         # DuckDB's default for a file database: <file>.tmp, next to the store
         assert _duckdb(store, "temp_directory") == str(tmp_path / "s.duckdb.tmp")
@@ -50,4 +50,4 @@ def test_a_query_larger_than_the_budget_spills_instead_of_failing(tmp_path: Path
 def test_an_empty_memory_limit_lets_duckdb_decide(tmp_path: Path) -> None:
     settings = _settings(tmp_path, FINOPSD_STORE__MEMORY_LIMIT="")
     with daemon_store(settings) as store:
-        assert _duckdb(store, "memory_limit") != "256.0 MiB"
+        assert _duckdb(store, "memory_limit") != "128.0 MiB"
