@@ -353,6 +353,53 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "usage events: response-cache hits, the price catalog that priced each event",
+        """
+        CREATE TABLE usage_events_v3 AS SELECT * FROM usage_events;
+        DROP TABLE usage_events;
+        CREATE TABLE usage_events (
+            event_id VARCHAR NOT NULL,
+            ts TIMESTAMPTZ NOT NULL,
+            provider VARCHAR,
+            request_model VARCHAR NOT NULL,
+            response_model VARCHAR,
+            input_tokens BIGINT NOT NULL,
+            output_tokens BIGINT NOT NULL,
+            cache_read_input_tokens BIGINT,
+            cache_creation_input_tokens BIGINT,
+            reasoning_output_tokens BIGINT,
+            tenant VARCHAR,
+            team VARCHAR,
+            app VARCHAR,
+            feature VARCHAR,
+            latency_ms DOUBLE,
+            ttft_ms DOUBLE,
+            status VARCHAR NOT NULL,
+            prompt_hash VARCHAR,
+            prefix_hashes BIGINT[],
+            latency_class VARCHAR NOT NULL,
+            quality_score DOUBLE,
+            gateway_cost_usd DOUBLE,
+            deployment VARCHAR,
+            billing_mode VARCHAR NOT NULL DEFAULT 'standard',
+            cache_hit BOOLEAN NOT NULL DEFAULT false,  -- answered from the gateway's cache
+            input_cost_usd DOUBLE,
+            cached_input_cost_usd DOUBLE,
+            cache_write_cost_usd DOUBLE,
+            output_cost_usd DOUBLE,
+            list_cost_usd DOUBLE,
+            discount_rate DOUBLE,
+            cost_usd DOUBLE,
+            price_source VARCHAR,
+            price_id VARCHAR,
+            price_catalog VARCHAR,  -- the catalog (and version) that priced it: reprice
+            ingested_at TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+        );
+        INSERT INTO usage_events BY NAME SELECT * FROM usage_events_v3;
+        DROP TABLE usage_events_v3;
+        """,
+    ),
 ]
 """Schema migrations, applied in order; a migration's version is its position + 1.
 Never edit a released migration: append a new one.
