@@ -104,6 +104,27 @@ class Price:
 
 
 @dataclass(frozen=True)
+class UnitPrices:
+    """What one ``price_id`` charges per meter, in USD per million tokens (list price).
+
+    ``cached_input`` and ``cache_write`` are the prices actually applied to those
+    meters (the input price where the catalog has none). ``batch_discount`` is the
+    fraction of list taken off batch-billed events. ``source`` says where the price
+    comes from (catalog name and version, or "config"); ``details`` is a short
+    human-readable description of the price (FOCUS ``SkuPriceDetails``).
+    """
+
+    price_id: str
+    input: float
+    cached_input: float
+    cache_write: float
+    output: float
+    batch_discount: float
+    source: str
+    details: str
+
+
+@dataclass(frozen=True)
 class Deployment:
     """A self-hosted deployment: ``gpus`` GPUs of ``gpu_type`` at ``gpu_hour_usd`` each."""
 
@@ -348,6 +369,28 @@ class PriceBook:
                 best = m
         return best
 
+    def unit_prices(self, price_id: str) -> UnitPrices | None:
+        """The per-meter prices behind ``price_id`` (as stored on events); None if unknown."""
+        for p in self.prices:
+            if p.price_id == price_id:
+                cached = (
+                    p.input_per_mtok if p.cached_input_per_mtok is None else p.cached_input_per_mtok
+                )
+                write = (
+                    p.input_per_mtok if p.cache_write_per_mtok is None else p.cache_write_per_mtok
+                )
+                return UnitPrices(
+                    price_id=price_id,
+                    input=p.input_per_mtok,
+                    cached_input=cached,
+                    cache_write=write,
+                    output=p.output_per_mtok,
+                    batch_discount=p.batch_discount,
+                    source=p.source,
+                    details=f"{p.key} list price from {p.effective_from.isoformat()}",
+                )
+        return None
+
     # -- pricing ----------------------------------------------------------------------
 
     def price(self, rows: pa.Table) -> tuple[pa.Table, PricingStats]:
@@ -578,6 +621,7 @@ __all__ = [
     "PriceBook",
     "PricingError",
     "PricingStats",
+    "UnitPrices",
     "cost_per_million_tokens",
     "load_catalog",
     "settle_self_hosted",
