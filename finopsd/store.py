@@ -400,6 +400,36 @@ MIGRATIONS: list[tuple[str, str]] = [
         DROP TABLE usage_events_v3;
         """,
     ),
+    (
+        "routing: histograms and evaluations per tenant and app, not pooled across them",
+        """
+        DROP TABLE routing_stats;
+        CREATE TABLE routing_stats (  -- analyzers/routing.py: latency/outcome histograms
+            day TIMESTAMPTZ NOT NULL,
+            tenant VARCHAR,
+            app VARCHAR,
+            feature VARCHAR NOT NULL,
+            model VARCHAR NOT NULL,
+            metric VARCHAR NOT NULL,  -- 'latency': floor(ln ms * 20), 'quality': floor(q * 100)
+            bucket INTEGER NOT NULL,  -- quality bucket -1: status error
+            n DOUBLE NOT NULL  -- events (scaled up when the first build sampled)
+        );
+        DELETE FROM rollup_state WHERE name = 'routing';  -- the next run rebuilds both tables
+        CREATE TABLE model_evaluations_unscoped AS SELECT * FROM model_evaluations;
+        DROP TABLE model_evaluations;
+        CREATE TABLE model_evaluations (  -- offline eval results per tenant, app, feature, model
+            tenant VARCHAR,  -- NULL: for traffic without a tenant tag (not: any tenant)
+            app VARCHAR,
+            feature VARCHAR,
+            model VARCHAR NOT NULL,
+            quality DOUBLE NOT NULL,  -- mean quality score, 0..1
+            samples BIGINT,
+            updated_at TIMESTAMPTZ NOT NULL
+        );
+        INSERT INTO model_evaluations BY NAME SELECT * FROM model_evaluations_unscoped;
+        DROP TABLE model_evaluations_unscoped;
+        """,
+    ),
 ]
 """Schema migrations, applied in order; a migration's version is its position + 1.
 Never edit a released migration: append a new one.

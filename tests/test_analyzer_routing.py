@@ -1,11 +1,11 @@
 """routing: cheaper model mixes by LP and cheap-first cascades, on traffic built here.
 
-Three models serve the feature "answer" (provider "p"), every request 1,000
-input and 100 output tokens, so a request costs $0.010 on ``big``, $0.006 on
-``mid`` and $0.001 on ``small``. ``big`` (quality 0.95, 1,000 ms) carries the
-scope under test (acme / bot, 200 requests); ``mid`` (0.88, 1,000 ms) and
-``small`` (0.70, 4,000 ms) serve the same feature elsewhere with too few
-requests to be scopes of their own. The right answers are worked out by hand
+Three models serve the feature "answer" of acme / bot (provider "p"), every
+request 1,000 input and 100 output tokens, so a request costs $0.010 on
+``big``, $0.006 on ``mid`` and $0.001 on ``small``. ``big`` (quality 0.95,
+1,000 ms) carries the scope under test (200 requests); ``mid`` (0.88,
+1,000 ms) and ``small`` (0.70, 4,000 ms) serve the same tenant, app and
+feature with too few requests to be scopes of their own. The right answers are worked out by hand
 from those numbers (and the bucketed p95 the analyzer reports, checked against
 the true latency).
 """
@@ -37,6 +37,8 @@ PRICES = {  # $/Mtok input, output
     "mid": (3.0, 30.0),
     "small": (0.5, 5.0),
     "tiny": (0.2, 2.0),
+    "gpt-4o": (2.5, 10.0),
+    "gpt-4o-mini": (0.15, 0.6),
 }
 BOOK = PriceBook(
     [Price("p", m, date(2025, 1, 1), i, o, batch_discount=0.5) for m, (i, o) in PRICES.items()]
@@ -81,12 +83,14 @@ def events(
 def standard() -> list[Event]:
     return [
         *events("acme", "bot", "big", 200, quality=0.95),
-        *events("other", "lab", "mid", 50, quality=0.88),
-        *events("other", "lab", "small", 50, quality=0.70, latency=4000.0),
+        *events("acme", "bot", "mid", 50, quality=0.88),
+        *events("acme", "bot", "small", 50, quality=0.70, latency=4000.0),
     ]
 
 
-def insert(store: Store, specs: Iterable[Event], *, start: int = 0, day: int = 0) -> None:
+def insert(
+    store: Store, specs: Iterable[Event], *, start: int = 0, day: int = 0, feature: str = "answer"
+) -> None:
     """Events spread over four days from DAY0 + ``day``, ids from ``start``."""
     rows = []
     for i, (tenant, app, model, quality, ms, status) in enumerate(specs):
@@ -102,7 +106,7 @@ def insert(store: Store, specs: Iterable[Event], *, start: int = 0, day: int = 0
                 "output_tokens": OUT_TOKENS,
                 "tenant": tenant,
                 "app": app,
-                "feature": "answer",
+                "feature": feature,
                 "latency_ms": ms,
                 "status": status,
                 "latency_class": "interactive",
@@ -214,7 +218,7 @@ def test_infeasible_or_unknown_quality_gives_no_finding(tmp_path: Path) -> None:
             store,
             [
                 *events("acme", "bot", "big", 200, quality=None),
-                *events("other", "lab", "small", 50, quality=0.9),
+                *events("acme", "bot", "small", 50, quality=0.9),
             ],
         )
         assert run(store) == []
@@ -227,9 +231,9 @@ def test_infeasible_or_unknown_quality_gives_no_finding(tmp_path: Path) -> None:
 def test_cascade_formula(tmp_path: Path) -> None:
     # small: 40 answers at 0.86 (pass), 5 at 0.2 (fail), 5 errors (fail): e = 10 / 50
     small = [
-        *events("other", "lab", "small", 40, quality=0.86),
-        *events("other", "lab", "small", 5, quality=0.2),
-        *events("other", "lab", "small", 5, quality=None, status="error"),
+        *events("acme", "bot", "small", 40, quality=0.86),
+        *events("acme", "bot", "small", 5, quality=0.2),
+        *events("acme", "bot", "small", 5, quality=None, status="error"),
     ]
     specs = [*events("acme", "bot", "big", 200, quality=0.95), *small]
     with Store(tmp_path / "s.duckdb") as store:
@@ -265,8 +269,10 @@ def test_evaluations_take_precedence_and_max_share_caps(tmp_path: Path) -> None:
         insert(store, standard())
         store.write(
             lambda con: con.execute(
-                "INSERT INTO model_evaluations VALUES "
-                "('small', 'answer', 0.80, 500, ?), ('small', 'answer', 0.90, 800, ?)",
+                "INSERT INTO model_evaluations BY NAME SELECT * FROM (VALUES "
+                "('acme', 'bot', 'answer', 'small', 0.80, 500, ?::TIMESTAMPTZ), "
+                "('acme', 'bot', 'answer', 'small', 0.90, 800, ?::TIMESTAMPTZ)) "
+                "AS t(tenant, app, feature, model, quality, samples, updated_at)",
                 [NOW - timedelta(days=2), NOW - timedelta(days=1)],  # the newest wins
             )
         )
@@ -291,7 +297,9 @@ def test_candidates_option_adds_an_evaluated_model(tmp_path: Path) -> None:
         insert(store, standard())
         store.write(
             lambda con: con.execute(
-                "INSERT INTO model_evaluations VALUES ('tiny', 'answer', 0.9, NULL, ?)", [NOW]
+                "INSERT INTO model_evaluations (tenant, app, feature, model, quality, updated_at) "
+                "VALUES ('acme', 'bot', 'answer', 'tiny', 0.9, ?)",
+                [NOW],
             )
         )
         f = only_finding(run(store))
@@ -304,7 +312,7 @@ def test_candidates_option_adds_an_evaluated_model(tmp_path: Path) -> None:
 
 def test_self_hosted_candidate_costs_its_observed_rate(tmp_path: Path) -> None:
     with Store(tmp_path / "s.duckdb") as store:
-        insert(store, [*standard(), *events("other", "lab", "llama", 50, quality=0.9)])
+        insert(store, [*standard(), *events("acme", "bot", "llama", 50, quality=0.9)])
         f = only_finding(run(store, book=SELF_HOSTED_BOOK))
     llama = next(c for c in f.evidence["candidates"] if c["model"] == "llama")
     assert llama["cost_per_request_usd"] == pytest.approx(cost("llama"))
@@ -353,8 +361,8 @@ def test_incremental_equals_from_scratch(tmp_path: Path) -> None:
     specs = standard()
     more = [
         *events("acme", "bot", "big", 80, quality=0.93, latency=1500.0),
-        *events("other", "lab", "mid", 30, quality=0.9, latency=800.0),
-        *events("other", "lab", "small", 40, quality=0.75, status="error"),
+        *events("acme", "bot", "mid", 30, quality=0.9, latency=800.0),
+        *events("acme", "bot", "small", 40, quality=0.75, status="error"),
     ]
     later = NOW + timedelta(hours=2)
     with Store(tmp_path / "inc.duckdb") as inc:
@@ -387,3 +395,140 @@ def test_events_ingested_after_the_spend_refresh_count_once(tmp_path: Path) -> N
         full.write(lambda con: routing.refresh(con, window))
         assert _rows(inc, "routing_stats") == _rows(full, "routing_stats")
         assert _rows(inc, "routing_daily") == _rows(full, "routing_daily")
+
+
+# -- scopes: one tenant's figures never decide another's routing ---------------------------
+
+FOUR, MINI = 3390, 810  # per tenant: 80 % of "f" on gpt-4o (0.90), 20 % on gpt-4o-mini
+
+
+def shared_feature() -> list[Event]:
+    """Two tenants' apps with a feature named "f"; acme's mini scores 0.88, globex's 0.60;
+    initech's "f" has never been served by mini."""
+    return [
+        *events("acme", "support", "gpt-4o", FOUR, quality=0.90),
+        *events("acme", "support", "gpt-4o-mini", MINI, quality=0.88),
+        *events("globex", "helpdesk", "gpt-4o", FOUR, quality=0.90),
+        *events("globex", "helpdesk", "gpt-4o-mini", MINI, quality=0.60),
+        *events("initech", "chat", "gpt-4o", 400, quality=0.90),
+    ]
+
+
+def by_tenant(findings: list[Finding]) -> dict[str, Finding]:
+    out = {f.scope["tenant"]: f for f in findings}
+    assert len(out) == len(findings)
+    return out
+
+
+def test_a_feature_name_shared_by_tenants_is_judged_per_tenant_and_app(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, shared_feature(), feature="f")
+        found = by_tenant(run(store))
+    # two findings, on gpt-4o; initech's has no mini samples of its own: no candidate
+    assert sorted(found) == ["acme", "globex"]
+    apps = {"acme": "support", "globex": "helpdesk"}
+    own_mini = {"acme": 0.88, "globex": 0.60}
+    for tenant, f in found.items():
+        assert f.scope == {"tenant": tenant, "app": apps[tenant], "feature": "f", "model": "gpt-4o"}
+        cands = {c["model"]: c for c in f.evidence["candidates"]}
+        assert set(cands) == {"gpt-4o", "gpt-4o-mini"}
+        # each tenant's own figures and sample counts (pooled: mini 0.74 on 1,620, 4o on 7,180)
+        assert cands["gpt-4o"]["quality"] == pytest.approx(0.90)
+        assert cands["gpt-4o"]["quality_samples"] == FOUR
+        assert cands["gpt-4o"]["requests"] == FOUR
+        assert cands["gpt-4o-mini"]["quality"] == pytest.approx(own_mini[tenant])
+        assert cands["gpt-4o-mini"]["quality_samples"] == MINI
+        assert cands["gpt-4o-mini"]["requests"] == MINI
+        assert f.evidence["requests"] == FOUR
+    # acme: its mini (0.88) clears 0.85 alone, so all of its gpt-4o traffic can move
+    acme = found["acme"].evidence
+    assert acme["lp"]["shares"] == pytest.approx({"gpt-4o-mini": 1.0})
+    assert found["acme"].monthly_savings_usd == pytest.approx(
+        per_month((cost("gpt-4o") - cost("gpt-4o-mini")) * FOUR)
+    )
+    # globex: its own 0.60 lets only (0.90 - 0.85) / (0.90 - 0.60) = 1/6 move to mini
+    # (on the pooled 0.74 it was 0.3125); every mini answer fails 0.85: the cascade loses
+    globex = found["globex"].evidence
+    x_mini = (0.90 - 0.85) / (0.90 - 0.60)
+    assert globex["lp"]["shares"] == pytest.approx(
+        {"gpt-4o": 1 - x_mini, "gpt-4o-mini": x_mini}, abs=1e-6
+    )
+    assert globex["cascade"]["escalation_rate"] == 1.0
+    assert globex["cascade"]["outcomes"] == MINI
+    assert globex["chosen"] == "lp"
+    assert found["globex"].monthly_savings_usd == pytest.approx(
+        per_month(x_mini * (cost("gpt-4o") - cost("gpt-4o-mini")) * FOUR)
+    )
+
+
+def test_evaluations_are_keyed_by_tenant_app_feature_and_model(tmp_path: Path) -> None:
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, shared_feature(), feature="f")
+
+        def evaluate(tenant: str, app: str, quality: float) -> None:
+            store.write(
+                lambda con: con.execute(
+                    "INSERT INTO model_evaluations (tenant, app, feature, model, quality, "
+                    "samples, updated_at) VALUES (?, ?, 'f', 'gpt-4o-mini', ?, 500, ?)",
+                    [tenant, app, quality, NOW],
+                )
+            )
+
+        # acme's evaluation of mini on its "f" says nothing about initech's "f"
+        evaluate("acme", "support", 0.95)
+        found = by_tenant(run(store, candidates=["p/gpt-4o-mini"]))
+        assert sorted(found) == ["acme", "globex"]
+        mini = next(c for c in found["acme"].evidence["candidates"] if c["model"] == "gpt-4o-mini")
+        assert (mini["quality"], mini["quality_source"]) == (0.95, "evaluation")
+        globex_mini = next(
+            c for c in found["globex"].evidence["candidates"] if c["model"] == "gpt-4o-mini"
+        )
+        assert globex_mini["quality_source"] == "events"
+        # nor does an evaluation of another app of the same tenant
+        evaluate("initech", "search", 0.95)
+        assert "initech" not in by_tenant(run(store, candidates=["p/gpt-4o-mini"]))
+        # initech's own evaluation makes mini a candidate there (named by `candidates`)
+        evaluate("initech", "chat", 0.95)
+        found = by_tenant(run(store, candidates=["p/gpt-4o-mini"]))
+    initech = found["initech"].evidence
+    assert initech["lp"]["shares"] == pytest.approx({"gpt-4o-mini": 1.0})
+    mini = next(c for c in initech["candidates"] if c["model"] == "gpt-4o-mini")
+    assert (mini["quality"], mini["quality_source"], mini["requests"]) == (0.95, "evaluation", 0)
+
+
+def test_upgraded_store_rebuilds_routing_per_tenant(tmp_path: Path) -> None:
+    """A store from before routing was scoped: its pooled histograms and watermark are
+    dropped, its evaluations kept (tenant and app unset), and the next run sees each
+    tenant's own figures, as on a fresh store."""
+    import duckdb
+
+    from finopsd.store import MIGRATIONS
+
+    scoped = next(i for i, (d, _) in enumerate(MIGRATIONS) if d.startswith("routing: histograms"))
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, "
+        "applied_at TIMESTAMPTZ NOT NULL, description VARCHAR NOT NULL)"
+    )
+    for version, (description, sql) in enumerate(MIGRATIONS[:scoped], start=1):
+        con.execute(sql)
+        con.execute("INSERT INTO schema_version VALUES (?, now(), ?)", [version, description])
+    # a routing run of the old code: pooled rows, a watermark past everything
+    con.execute("INSERT INTO rollup_state VALUES ('routing', ?)", [NOW + timedelta(days=1)])
+    con.execute(
+        "INSERT INTO routing_stats VALUES (?, 'gpt-4o-mini', 'f', 'latency', 138, 1620)", [DAY0]
+    )
+    con.execute("INSERT INTO model_evaluations VALUES ('gpt-4o-mini', 'f', 0.7, 100, ?)", [NOW])
+    con.close()
+    with Store(path) as old, Store(tmp_path / "fresh.duckdb") as fresh:
+        assert old.schema_version() == len(MIGRATIONS)
+        assert old.cursor().execute(
+            "SELECT tenant, app, feature, model, quality, samples FROM model_evaluations"
+        ).fetchall() == [(None, None, "f", "gpt-4o-mini", 0.7, 100)]
+        for store in (old, fresh):
+            insert(store, shared_feature(), feature="f")
+        upgraded, scratch = run(old), run(fresh)
+        assert _rows(old, "routing_stats") == _rows(fresh, "routing_stats")
+    assert sorted(by_tenant(upgraded)) == ["acme", "globex"]
+    assert _summary(upgraded) == _summary(scratch)

@@ -7,29 +7,38 @@ its first day (monthly projections use that span).
 least ``min_requests`` requests in the window. Traffic without a feature tag
 is skipped: "the same feature" is what makes models comparable.
 
-**Candidates** for a scope are the models seen serving the same feature in
-the window (any tenant or app), plus the models named in the ``candidates``
-option; the scope's own model is always one. Each candidate has:
+**Candidates** for a scope are judged within its own tenant × app × feature:
+the models seen serving that tenant's app's feature in the window, plus the
+models named in the ``candidates`` option; the scope's own model is always
+one. Feature names recur across tenants and apps (``chat``), so nothing that
+another tenant's or app's traffic shows (its quality, latency or failures)
+enters a scope's estimates. Each candidate has:
 
 - a **quality**: from ``model_evaluations`` (offline evaluation results, one
-  row per model × feature; the newest row wins) when there is one, else the
-  mean ``quality_score`` of that model's requests in that feature in the
-  window (``quality_sum / quality_n`` of ``spend_hourly``). It needs ``min_samples``
-  scored requests (or evaluation samples; an evaluation without a sample
-  count is trusted). A model without a usable quality is no candidate; a
-  scope whose own model has none is skipped.
+  row per tenant × app × feature × model, matched exactly: a row without a
+  tenant or app is for traffic without that tag, not for any; the newest row
+  wins) when there is one, else the mean ``quality_score`` of that model's
+  requests in this tenant's app's feature in the window (``quality_sum /
+  quality_n`` of ``spend_hourly``). It needs ``min_samples`` scored requests
+  there (or evaluation samples; an evaluation without a sample count is
+  trusted). A model without a usable quality is no candidate; a scope whose
+  own model has none is skipped. So a model the scope has never used is a
+  candidate only through an evaluation for that scope (and ``candidates``).
 - a **p95 latency**, estimated from ``routing_stats``: a histogram per UTC day
-  × model × feature of ``latency_ms`` in log buckets 5 % wide (the value of a
-  bucket is its geometric middle, so the estimate is within 2.5 %), over the
-  days the window touches. Only needed when ``latency_slo_ms`` is set; then a
-  model without one (fewer than ``min_samples`` latencies) is no candidate.
+  × tenant × app × feature × model of ``latency_ms`` in log buckets 5 % wide
+  (the value of a bucket is its geometric middle, so the estimate is within
+  2.5 %), over the days the window touches. Only needed when
+  ``latency_slo_ms`` is set; then a model without one (fewer than
+  ``min_samples`` latencies in the scope) is no candidate.
 - a **cost per request at this scope's token mix**: the scope's mean input,
   output, cache-read and cache-write tokens per request priced with the
   model's list price in effect at ``now`` (``PriceBook``), times the scope's
   billed/list ratio (so batch-billed traffic stays batch-billed). A
   self-hosted model costs its observed $ per token (GPU-hours spread over
-  input and output tokens) over the window's fully priced hours. A model with
-  neither is no candidate. The same tokens are assumed on every model.
+  input and output tokens) over the window's fully priced hours: the
+  deployment's rate, whoever sent the tokens, as a list price is the same for
+  every tenant. A model with neither is no candidate. The same tokens are
+  assumed on every model.
 
 **The mix (linear programming).** Traffic shares ``x_m`` minimise
 ``Σ x_m·cost_m`` subject to ``Σ x_m·quality_m ≥ T``, ``Σ x_m = 1``,
@@ -48,8 +57,8 @@ should that fail, each scope is solved on its own.
 
 **The cascade.** Alternatively, try the cheapest candidate first and escalate
 to the scope's model when the answer fails. The escalation rate ``e`` is the
-share of the cheap model's requests in that feature (window days, any
-tenant) whose outcome is known (``status = 'error'``, or a quality score)
+share of the cheap model's requests in the scope's tenant × app × feature
+(window days) whose outcome is known (``status = 'error'``, or a quality score)
 that failed: errored, or scored below ``T`` (scores are kept in 0.01 buckets;
 a bucket straddling ``T`` counts as failed). Cost per request:
 ``cheap + e·current``. With an SLO, its latency, ``p95_cheap + e·p95_current``
@@ -70,7 +79,8 @@ risk is medium (answers and latency change).
 ``routing_daily``, ``spend_hourly`` per UTC day × tenant × app × feature ×
 model × provider × deployment, whose days that changed since (events
 ingested, self-hosted hours settled) are recomputed; and ``routing_stats``,
-the latency and outcome histograms, to which a run adds only the events
+the latency and outcome histograms per day × tenant × app × feature × model
+(events with a feature tag only), to which a run adds only the events
 ingested since. The first run builds ``routing_stats`` from the events of the
 window's days; above ``sample_events`` events it reads a system sample of
 about that many (whole vectors of rows) and scales the counts up, so the
@@ -131,16 +141,18 @@ _QUALITY_BUCKET = (
 
 
 def _aggregate(source: str, where: str, weight: float) -> str:
-    """SQL: ``routing_stats`` rows (day, model, feature, metric, bucket, n) for ``source``."""
+    """SQL: ``routing_stats`` rows (day, tenant, app, feature, model, metric, bucket, n) for
+    the events of ``source`` that carry a feature tag."""
     return f"""
-        SELECT {_DAY} AS day, request_model AS model, feature, 'latency' AS metric,
-               {_LATENCY_BUCKET} AS bucket, count(*) * {weight!r} AS n
-        FROM {source} WHERE {where} AND latency_ms IS NOT NULL
+        SELECT {_DAY} AS day, tenant, app, feature, request_model AS model,
+               'latency' AS metric, {_LATENCY_BUCKET} AS bucket, count(*) * {weight!r} AS n
+        FROM {source} WHERE {where} AND feature IS NOT NULL AND latency_ms IS NOT NULL
         GROUP BY ALL
         UNION ALL
-        SELECT {_DAY} AS day, request_model AS model, feature, 'quality' AS metric,
-               {_QUALITY_BUCKET} AS bucket, count(*) * {weight!r} AS n
-        FROM {source} WHERE {where} AND (status = 'error' OR quality_score IS NOT NULL)
+        SELECT {_DAY} AS day, tenant, app, feature, request_model AS model,
+               'quality' AS metric, {_QUALITY_BUCKET} AS bucket, count(*) * {weight!r} AS n
+        FROM {source}
+        WHERE {where} AND feature IS NOT NULL AND (status = 'error' OR quality_score IS NOT NULL)
         GROUP BY ALL
     """
 
@@ -241,10 +253,12 @@ def refresh(con: duckdb.DuckDBPyConnection, window: Window, sample_events: int =
             f"""
             MERGE INTO routing_stats AS t
             USING ({new}) AS s
-            ON t.day = s.day AND t.model = s.model AND t.feature IS NOT DISTINCT FROM s.feature
-               AND t.metric = s.metric AND t.bucket = s.bucket
+            ON t.day = s.day AND t.tenant IS NOT DISTINCT FROM s.tenant
+               AND t.app IS NOT DISTINCT FROM s.app AND t.feature = s.feature
+               AND t.model = s.model AND t.metric = s.metric AND t.bucket = s.bucket
             WHEN MATCHED THEN UPDATE SET n = t.n + s.n
-            WHEN NOT MATCHED THEN INSERT VALUES (s.day, s.model, s.feature, s.metric, s.bucket, s.n)
+            WHEN NOT MATCHED THEN INSERT VALUES
+                (s.day, s.tenant, s.app, s.feature, s.model, s.metric, s.bucket, s.n)
             """,
             {"w": since, "newest": newest},
         )
@@ -366,6 +380,10 @@ class ModelFeature:
         return failed / known, known
 
 
+ScopeKey = tuple[str | None, str | None, str]
+"""(tenant, app, feature) as stored (None: the tag was missing): where candidates are judged."""
+
+
 @dataclass
 class Candidate:
     model: str
@@ -456,17 +474,16 @@ class Routing(Analyzer):
                 pricing[memo] = _cost_fn(ctx.prices, per_token, provider, model, deployment, today)
             return pricing[memo]
 
-        feature_candidates: dict[str, list[Candidate]] = {}
+        scope_candidates: dict[ScopeKey, list[Candidate]] = {}
         pending: list[dict[str, Any]] = []
         for row in scopes:
             tenant, app, feature, model, provider, deployment, requests = row[:7]
             tokens = [float(v) for v in row[7:11]]
             cost_usd, list_usd = float(row[11]), float(row[12])
-            if feature not in feature_candidates:
-                feature_candidates[feature] = self._candidates(
-                    feature, stats, evaluations, extra, opts
-                )
-            cands = feature_candidates[feature]
+            where: ScopeKey = (tenant, app, feature)
+            if where not in scope_candidates:
+                scope_candidates[where] = self._candidates(where, stats, evaluations, extra, opts)
+            cands = scope_candidates[where]
             current = next((c for c in cands if c.model == model), None)
             if current is None or current.quality is None:
                 continue
@@ -668,6 +685,7 @@ class Routing(Analyzer):
                     "quality": c.quality,
                     "quality_source": c.quality_source,
                     "quality_samples": c.quality_samples,
+                    "requests": c.stats.requests if c.stats is not None else 0,
                     "p95_ms": c.p95_ms,
                     "cost_per_request_usd": cost,
                 }
@@ -701,24 +719,26 @@ class Routing(Analyzer):
 
     def _candidates(
         self,
-        feature: str,
-        stats: dict[tuple[str, str], ModelFeature],
-        evaluations: dict[tuple[str, str], tuple[float, float | None]],
+        where: ScopeKey,
+        stats: dict[tuple[str | None, str | None, str, str], ModelFeature],
+        evaluations: dict[tuple[str | None, str | None, str, str], tuple[float, float | None]],
         extra: list[tuple[str | None, str]],
         opts: RoutingOptions,
     ) -> list[Candidate]:
+        """The candidates of one tenant × app × feature: the models that served it in the
+        window, and ``extra``; every estimate from that scope's own traffic or evaluations."""
         seen: dict[str, tuple[str | None, str | None]] = {
-            m: (s.provider, s.deployment) for (m, f), s in stats.items() if f == feature
+            key[3]: (s.provider, s.deployment) for key, s in stats.items() if key[:3] == where
         }
         for provider, model in extra:
             if model not in seen:
                 seen[model] = (provider, None)
         out = []
         for model, (provider, deployment) in sorted(seen.items()):
-            s = stats.get((model, feature))
+            s = stats.get((*where, model))
             quality = source = samples = None
-            if (model, feature) in evaluations:
-                q, n = evaluations[(model, feature)]
+            if (*where, model) in evaluations:
+                q, n = evaluations[(*where, model)]
                 if n is None or n >= opts.min_samples:
                     quality, source, samples = q, "evaluation", n
             if quality is None and s is not None and s.quality_n >= opts.min_samples:
@@ -740,40 +760,42 @@ class Routing(Analyzer):
     @staticmethod
     def _model_features(
         ctx: Context, window: Window
-    ) -> tuple[dict[tuple[str, str], ModelFeature], dict[str, float]]:
-        """Per model × feature: volume, quality, latency and outcome histograms; and per
-        model its observed $ per (input + output) token over fully priced hours."""
-        out: dict[tuple[str, str], ModelFeature] = {}
+    ) -> tuple[dict[tuple[str | None, str | None, str, str], ModelFeature], dict[str, float]]:
+        """Per tenant × app × feature × model: volume, quality, latency and outcome
+        histograms; and per model its observed $ per (input + output) token over fully
+        priced hours (a self-hosted deployment's rate, whoever sent the tokens)."""
+        out: dict[tuple[str | None, str | None, str, str], ModelFeature] = {}
         priced: dict[str, list[float]] = {}
         params = {"start": window.start, "end": window.end}
         for row in ctx.con.execute(
             """
-            SELECT model, feature, arg_max(provider, requests), arg_max(deployment, requests),
+            SELECT tenant, app, feature, model,
+                   arg_max(provider, requests), arg_max(deployment, requests),
                    sum(requests)::BIGINT, sum(quality_sum), sum(quality_n)::BIGINT,
                    sum(priced_cost_usd), sum(priced_tokens)::DOUBLE
             FROM routing_daily
             WHERE day >= $start AND day < $end
-            GROUP BY model, feature
+            GROUP BY tenant, app, feature, model
             """,
             params,
         ).fetchall():
-            model, feature, provider, deployment, requests, q_sum, q_n, p_cost, p_tokens = row
-            out[(model, feature)] = ModelFeature(
+            tenant, app, feature, model, provider, deployment, requests, q_sum, q_n = row[:9]
+            out[(tenant, app, feature, model)] = ModelFeature(
                 provider, deployment, int(requests), float(q_sum), int(q_n)
             )
             acc = priced.setdefault(model, [0.0, 0.0])
-            acc[0] += float(p_cost)
-            acc[1] += float(p_tokens)
-        for model, feature, metric, bucket, n in ctx.con.execute(
+            acc[0] += float(row[9])
+            acc[1] += float(row[10])
+        for tenant, app, feature, model, metric, bucket, n in ctx.con.execute(
             """
-            SELECT model, feature, metric, bucket, sum(n)
+            SELECT tenant, app, feature, model, metric, bucket, sum(n)
             FROM routing_stats
-            WHERE day >= $start AND day < $end AND feature IS NOT NULL
+            WHERE day >= $start AND day < $end
             GROUP BY ALL
             """,
             params,
         ).fetchall():
-            s = out.get((model, feature))
+            s = out.get((tenant, app, feature, model))
             if s is None:
                 continue  # no traffic in the window's rollup: not a candidate here
             if metric == "latency":
@@ -784,16 +806,22 @@ class Routing(Analyzer):
         return out, per_token
 
     @staticmethod
-    def _evaluations(ctx: Context) -> dict[tuple[str, str], tuple[float, float | None]]:
+    def _evaluations(
+        ctx: Context,
+    ) -> dict[tuple[str | None, str | None, str, str], tuple[float, float | None]]:
+        """The newest evaluation per tenant × app × feature × model: (quality, samples)."""
         rows = ctx.con.execute(
             """
-            SELECT model, feature, arg_max(quality, updated_at), arg_max(samples, updated_at)
+            SELECT tenant, app, feature, model,
+                   arg_max(quality, updated_at), arg_max(samples, updated_at)
             FROM model_evaluations
             WHERE feature IS NOT NULL AND quality IS NOT NULL
-            GROUP BY model, feature
+            GROUP BY tenant, app, feature, model
             """
         ).fetchall()
-        return {(m, f): (float(q), None if n is None else float(n)) for m, f, q, n in rows}
+        return {
+            (t, a, f, m): (float(q), None if n is None else float(n)) for t, a, f, m, q, n in rows
+        }
 
     @staticmethod
     def _extra_candidates(prices: PriceBook, names: list[str]) -> list[tuple[str | None, str]]:
