@@ -430,6 +430,42 @@ MIGRATIONS: list[tuple[str, str]] = [
         DROP TABLE model_evaluations_unscoped;
         """,
     ),
+    (
+        "caching: prefix caches expire after their provider's TTL and count cache writes; "
+        "the caching simulation starts again",
+        """
+        DROP TABLE caching_prefix_hourly;
+        CREATE TABLE caching_prefix_hourly (  -- analyzers/caching.py: prefix-cache hit tokens
+            hour TIMESTAMPTZ NOT NULL,
+            provider VARCHAR,
+            model VARCHAR NOT NULL,
+            deployment VARCHAR,
+            billing_mode VARCHAR NOT NULL,
+            requests BIGINT NOT NULL,  -- requests with prefix_hashes
+            input_tokens BIGINT NOT NULL,
+            cache_read_tokens BIGINT NOT NULL,
+            unbounded_hit_tokens BIGINT NOT NULL,
+            unbounded_extra_tokens BIGINT NOT NULL,  -- hits beyond the request's cache reads
+            lru_hit_tokens BIGINT NOT NULL,
+            lru_extra_tokens BIGINT NOT NULL,
+            cache_write_tokens BIGINT NOT NULL,  -- billed as cache writes
+            lru_write_tokens BIGINT NOT NULL,  -- the LRU's writes: prefix tokens not hit
+            lru_write_extra_tokens BIGINT NOT NULL  -- writes beyond the request's cache writes
+        );
+        DROP TABLE caching_lru;
+        CREATE TABLE caching_lru (  -- analyzers/caching.py: LRU caches = top blocks by seq
+            scope BIGINT NOT NULL,
+            block BIGINT NOT NULL,
+            seq BIGINT NOT NULL,  -- an access number; a block's latest row is its last access
+            at_us BIGINT NOT NULL  -- that access's ts, microseconds since the epoch (TTL)
+        );
+        -- the simulated state without TTLs no longer applies: the next run backfills
+        DELETE FROM caching_blocks;
+        DELETE FROM caching_response_hourly;
+        DELETE FROM caching_prompts;
+        DELETE FROM rollup_state WHERE name IN ('caching', 'caching.since');
+        """,
+    ),
 ]
 """Schema migrations, applied in order; a migration's version is its position + 1.
 Never edit a released migration: append a new one.

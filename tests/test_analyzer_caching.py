@@ -33,6 +33,7 @@ PRICES = PriceBook(load_catalog())
 NOW = datetime(2026, 3, 30, tzinfo=UTC)
 T0 = datetime(2026, 3, 29, 20, 0, tzinfo=UTC)  # the hand-built traffic starts here
 GPT4O_IN, GPT4O_CACHED, GPT4O_BATCH = 2.50, 1.25, 0.5  # the catalog's current gpt-4o price
+SONNET_IN, SONNET_CACHED, SONNET_WRITE = 3.00, 0.30, 3.75  # claude-sonnet-4-5 (5-minute write)
 LOOSE = {"min_requests": 1, "min_monthly_savings_usd": 0.0}
 
 
@@ -64,6 +65,7 @@ def insert(store: Store, rows: Iterable[dict[str, Any]], ingested: datetime) -> 
             ("input_tokens", pa.int64()),
             ("output_tokens", pa.int64()),
             ("cache_read_input_tokens", pa.int64()),
+            ("cache_creation_input_tokens", pa.int64()),
             ("status", pa.string()),
             ("latency_class", pa.string()),
             ("billing_mode", pa.string()),
@@ -140,22 +142,32 @@ def simulate_unbounded(trace: list[dict[str, Any]]) -> int:
     return hit
 
 
-def simulate_lru(trace: list[dict[str, Any]], capacity: int) -> int:
-    cache: OrderedDict[int, None] = OrderedDict()
-    hit = 0
+def simulate_lru(trace: list[dict[str, Any]], capacity: int, ttl_s: float = 0) -> int:
+    """LRU hit tokens; with ``ttl_s``, a block unused for longer than that is a miss."""
+    return simulate_lru_writes(trace, capacity, ttl_s)[0]
+
+
+def simulate_lru_writes(
+    trace: list[dict[str, Any]], capacity: int, ttl_s: float = 0
+) -> tuple[int, int]:
+    """(hit tokens, written tokens): a request writes every prefix token it does not hit."""
+    cache: OrderedDict[int, int] = OrderedDict()  # block -> last use, ms
+    hit = written = 0
     for r in trace:
-        prefix = True
+        t, prefix = r["timestamp"], True
         for j, b in enumerate(r["hash_ids"]):
-            prefix = prefix and b in cache
+            fresh = b in cache and (ttl_s == 0 or t - cache[b] <= ttl_s * 1000)
+            prefix = prefix and fresh
             if prefix:
                 hit += block_tokens(r["input_length"], j)
+            else:
+                written += block_tokens(r["input_length"], j)
             if b in cache:
                 cache.move_to_end(b)
-            else:
-                cache[b] = None
-                if len(cache) > capacity:
-                    cache.popitem(last=False)
-    return hit
+            cache[b] = t
+            if len(cache) > capacity:
+                cache.popitem(last=False)
+    return hit, written
 
 
 def prefix_evidence(findings: list[Any]) -> dict[str, Any]:
@@ -178,18 +190,26 @@ def test_mooncake_unbounded_prefix_reuse_is_exact_and_the_readmes(tmp_path: Path
     assert ev["prefix_hit_tokens_unbounded"] == expected
     assert ev["prefix_hit_ratio_unbounded"] == expected / input_tokens
     assert round(100 * ev["prefix_hit_ratio_unbounded"], 1) == 65.1  # shared/data/README.md
-    # the default LRU (100,000 blocks) holds all 43,924 distinct blocks: nothing is evicted
-    assert ev["prefix_hit_tokens_lru"] == expected
+    # the default LRU (100,000 blocks) holds all 43,924 distinct blocks: nothing is evicted,
+    # but OpenAI's cache forgets a prefix unused for 5 minutes (the trace spans 17)
+    lru, written = simulate_lru_writes(trace, 100_000, ttl_s=300)
+    assert lru == simulate_lru(trace, 100_000, ttl_s=300) < expected
+    assert simulate_lru(trace, 100_000) == expected
+    assert ev["prefix_ttl_s"] == 300
+    assert ev["prefix_hit_tokens_lru"] == lru
+    assert ev["lru_write_tokens"] == written
+    assert lru + written == input_tokens  # every prefix token is read or written
 
 
-@pytest.mark.parametrize("capacity", [2_000, 20_000])
-def test_mooncake_lru_prefix_reuse_is_exact(tmp_path: Path, capacity: int) -> None:
+@pytest.mark.parametrize(("capacity", "ttl_s"), [(2_000, 300), (20_000, 300), (20_000, 0)])
+def test_mooncake_lru_prefix_reuse_is_exact(tmp_path: Path, capacity: int, ttl_s: float) -> None:
     trace = mooncake()
-    expected = simulate_lru(trace, capacity)
+    expected = simulate_lru(trace, capacity, ttl_s)
     input_tokens = sum(r["input_length"] for r in trace)
+    options = {"backfill_hours": 0, "lru_capacity_blocks": capacity, "prefix_ttl_s": {}}
     with Store(tmp_path / "s.duckdb") as store:
         insert(store, mooncake_rows(trace), NOW)
-        findings, _ = run(store, {"backfill_hours": 0, "lru_capacity_blocks": capacity})
+        findings, _ = run(store, {**options, "default_prefix_ttl_s": ttl_s})
     ev = prefix_evidence(findings)
     assert ev["prefix_hit_tokens_lru"] == expected
     assert ev["prefix_hit_ratio_lru"] == expected / input_tokens
@@ -233,7 +253,8 @@ def test_mooncake_incremental_equals_one_pass(tmp_path: Path) -> None:
         rows = store.cursor().execute("SELECT count(*) FROM caching_lru").fetchone()
         assert rows is not None and rows[0] <= 3 * capacity  # compacted, not grown with accesses
     assert ev["prefix_hit_tokens_unbounded"] == simulate_unbounded(trace)
-    assert ev["prefix_hit_tokens_lru"] == simulate_lru(trace, capacity)
+    assert ev["prefix_hit_tokens_lru"] == simulate_lru(trace, capacity, ttl_s=300)
+    assert ev["lru_write_tokens"] == simulate_lru_writes(trace, capacity, ttl_s=300)[1]
     assert ev["requests"] == len(trace)
 
 
@@ -399,6 +420,121 @@ def test_api_prefix_savings_by_hand(tmp_path: Path) -> None:
     assert f.monthly_savings_usd == pytest.approx(monthly_over(saved, at(0)))
 
 
+def sonnet_requests(minutes: list[float], **extra: Any) -> list[dict[str, Any]]:
+    """claude-sonnet-4-5 requests of 1,224 input tokens: a shared two-block prefix
+    (blocks 1, 2: 1,024 tokens) and a block of their own (200 tokens)."""
+    return [
+        {
+            "event_id": f"s{i:02d}",
+            "ts": at(m),
+            "provider": "anthropic",
+            "request_model": "claude-sonnet-4-5",
+            "input_tokens": 1224,
+            "prefix_hashes": [1, 2, 100 + i],
+            **extra,
+        }
+        for i, m in enumerate(minutes)
+    ]
+
+
+def test_prefixes_reused_only_after_the_ttl_save_nothing(tmp_path: Path) -> None:
+    """Every 10 minutes, the same prefix: Anthropic's cache (5 minutes) has forgotten it
+    each time, so caching would only write, at 1.25x input: no finding. Without the TTL
+    the same traffic would have looked like a saving."""
+    rows = sonnet_requests([10 * i for i in range(10)])
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, rows, NOW)
+        findings, _ = run(store)
+    assert by_kind(findings, "caching.prompt_prefix") == {}
+    with Store(tmp_path / "lru.duckdb") as store:  # (a TTL applies to what is simulated next)
+        insert(store, rows, NOW)
+        lru_only, _ = run(store, {"prefix_ttl_s": {"anthropic": 0}})
+    (f,) = by_kind(lru_only, "caching.prompt_prefix").values()
+    assert f.evidence["prefix_hit_tokens_unbounded"] == 9 * 1024
+    assert f.evidence["prefix_hit_tokens_lru"] == 9 * 1024
+    hits = 9 * 1024 * (SONNET_IN - SONNET_CACHED) / 1e6
+    premium = (1224 + 9 * 200) * (SONNET_WRITE - SONNET_IN) / 1e6
+    assert f.evidence["saved_usd"] == pytest.approx(hits - premium)
+    # OpenAI's caches have no write premium, but forget just the same: no hit, no saving
+    openai = [{**r, "provider": "openai", "request_model": "gpt-4o"} for r in rows]
+    with Store(tmp_path / "o.duckdb") as store:
+        insert(store, openai, NOW)
+        findings, _ = run(store)
+    assert by_kind(findings, "caching.prompt_prefix") == {}
+
+
+def test_frequent_reuse_saves_net_of_the_write_premium(tmp_path: Path) -> None:
+    """Requests at minutes 0, 4, 8, 12, 16, 30, 34; Anthropic TTL 5 minutes, refreshed by
+    every use. 0 writes all 1,224 tokens; 4, 8, 12 and 16 read the prefix (1,024) and
+    write their own 200 (16 is 16 minutes after the first write, 4 after the last use);
+    30 comes 14 minutes after 16: expired, all 1,224 written again; 34 reads 1,024.
+    Hits 5 x 1,024 = 5,120; writes 2 x 1,224 + 5 x 200 = 3,448, of which the first
+    request's 1,224 are billed as cache writes already: 2,224 more pay the premium.
+    Saving = 5,120 x (3.00 - 0.30) - 2,224 x (3.75 - 3.00), per million: $0.012156."""
+    rows = sonnet_requests([0, 4, 8, 12, 16, 30, 34])
+    rows[0]["cache_creation_input_tokens"] = 1224
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, rows, NOW)
+        findings, _ = run(store)
+    (f,) = by_kind(findings, "caching.prompt_prefix").values()
+    assert f.scope == {"provider": "anthropic", "model": "claude-sonnet-4-5"}
+    ev = f.evidence
+    assert ev["prefix_ttl_s"] == 300
+    assert ev["prefix_hit_tokens_unbounded"] == 6 * 1024  # no TTL: the upper bound
+    assert ev["prefix_hit_tokens_lru"] == 5 * 1024
+    assert ev["lru_write_tokens"] == 3448
+    assert ev["cache_write_tokens"] == 1224
+    assert ev["premium_write_tokens"] == 2224
+    assert (ev["input_per_mtok"], ev["cached_input_per_mtok"], ev["cache_write_per_mtok"]) == (
+        SONNET_IN,
+        SONNET_CACHED,
+        SONNET_WRITE,
+    )
+    hits = 5120 * (SONNET_IN - SONNET_CACHED) / 1e6
+    premium = 2224 * (SONNET_WRITE - SONNET_IN) / 1e6
+    assert hits - premium == pytest.approx(0.012156)
+    assert ev["hit_savings_usd"] == pytest.approx(hits)
+    assert ev["write_premium_usd"] == pytest.approx(premium)
+    assert ev["saved_usd"] == pytest.approx(0.012156)
+    assert f.monthly_savings_usd == pytest.approx(monthly_over(0.012156, at(0)))
+
+
+def test_upgraded_store_simulates_prefix_caches_again(tmp_path: Path) -> None:
+    """A store simulated before TTLs and cache writes were: its caching state is dropped,
+    and the next run simulates the events again, as on a fresh store."""
+    import duckdb
+
+    from finopsd.store import MIGRATIONS
+
+    ttl = next(i for i, (d, _) in enumerate(MIGRATIONS) if d.startswith("caching: prefix"))
+    path = tmp_path / "old.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(
+        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, "
+        "applied_at TIMESTAMPTZ NOT NULL, description VARCHAR NOT NULL)"
+    )
+    for version, (description, sql) in enumerate(MIGRATIONS[:ttl], start=1):
+        con.execute(sql)
+        con.execute("INSERT INTO schema_version VALUES (?, now(), ?)", [version, description])
+    # what the old simulation left: LRU rows without times, a watermark past everything
+    con.execute("INSERT INTO caching_lru VALUES (1, 2, 3)")
+    con.execute("INSERT INTO caching_blocks VALUES (1, 2)")
+    con.execute(
+        "INSERT INTO rollup_state VALUES ('caching', ?), ('caching.since', ?)",
+        [NOW + timedelta(days=1), T0],
+    )
+    con.close()
+    rows = sonnet_requests([0, 4, 8, 12, 16, 30, 34])
+    with Store(path) as old, Store(tmp_path / "fresh.duckdb") as fresh:
+        assert old.schema_version() == len(MIGRATIONS)
+        for store in (old, fresh):
+            insert(store, rows, NOW)
+        (upgraded,) = by_kind(run(old)[0], "caching.prompt_prefix").values()
+        (scratch,) = by_kind(run(fresh)[0], "caching.prompt_prefix").values()
+    assert upgraded.evidence["saved_usd"] == pytest.approx(scratch.evidence["saved_usd"])
+    assert upgraded.evidence["lru_write_tokens"] == 3448
+
+
 def test_lru_of_one_block_by_hand(tmp_path: Path) -> None:
     """Capacity 2: r1 [1, 2], r2 [1, 2] hits both; r3 [3, 4] evicts them; r4 [1, 2] misses."""
     rows = [
@@ -514,9 +650,10 @@ def test_first_run_backfills_only_recent_events(tmp_path: Path) -> None:
     ]
     for r in recent:
         r["prefix_hashes"] = [7]
+    lru_only = {"backfill_hours": 6, "prefix_ttl_s": {"openai": 0}}  # n2 comes 1 h after n1
     with Store(tmp_path / "s.duckdb") as store:
         insert(store, old + recent, NOW)
-        findings, analyzer = run(store, {"backfill_hours": 6})
+        findings, analyzer = run(store, lru_only)
         assert analyzer.last_pass is not None and analyzer.last_pass.prefix_requests == 2
         ev = prefix_evidence(findings)
         assert ev["requests"] == 2
@@ -525,5 +662,5 @@ def test_first_run_backfills_only_recent_events(tmp_path: Path) -> None:
         late = [{"event_id": "n3", "ts": NOW - timedelta(hours=9), "input_tokens": 512}]
         late[0]["prefix_hashes"] = [7]
         insert(store, late, NOW + timedelta(seconds=1))
-        _, analyzer = run(store, {"backfill_hours": 6})
+        _, analyzer = run(store, lru_only)
         assert analyzer.last_pass is not None and analyzer.last_pass.prefix_requests == 1

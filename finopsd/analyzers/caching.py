@@ -27,18 +27,33 @@ when the request names one (KV caches are per model). "Earlier" means earlier
 in processing order: (ts, event_id) within a run, run after run (below). Two
 caches are simulated:
 
-- **unbounded**: every block ever seen stays (an upper bound);
-- **bounded LRU** of ``lru_capacity_blocks`` blocks per cache: every access
-  of a block (hit or miss, in request order, block by block) makes it the
-  most recent; a miss inserts it, evicting the least recent block when full.
+- **unbounded**: every block ever seen stays, without a TTL (an upper bound);
+- **bounded LRU** of ``lru_capacity_blocks`` blocks per cache, with the
+  cache's **TTL**: a block is held when it is in the cache and, for an API
+  model, was last used at most its provider's TTL before (``prefix_ttl_s``,
+  ``default_prefix_ttl_s``: Anthropic 5 minutes, OpenAI 5 minutes, the low end
+  of its 5-10; self-hosted deployments have none). Every access of a block
+  (hit or miss, in request order, block by block) makes it the most recent and
+  refreshes its last use, as the providers' caches do; a miss inserts it,
+  evicting the least recent block when full. A prefix reused after the TTL is
+  a miss: written again, not read.
+
+With caching on, every prefix token a request does not read from the cache
+is written to it: ``lru_write_tokens`` = the request's prefix tokens (its
+blocks, the last capped at ``input_tokens``) - its LRU hit tokens.
 
 Evidence gives ``input_tokens``, ``prefix_hit_tokens_*`` and
-``prefix_hit_ratio_*`` (= hit tokens / input tokens) for both. The saving uses
-the LRU's hits that the request did not already get from a provider cache
-(``max(lru hit tokens - cache_read_input_tokens, 0)`` per request): for API
-models priced at (input - cached-input) price of the model's current price
-(batch-billed requests at the batch discount), i.e. what provider prompt
-caching would save (cache-write premiums are not deducted); for self-hosted
+``prefix_hit_ratio_*`` (= hit tokens / input tokens) for both, the TTL, the
+LRU's writes and the cache writes already billed. The saving uses the LRU's
+hits that the request did not already get from a provider cache
+(``max(lru hit tokens - cache_read_input_tokens, 0)`` per request) and the
+writes it would add (``max(lru write tokens - cache_creation_input_tokens, 0)``,
+``premium_write_tokens``): for API models, hits × (input - cached input) -
+added writes × (cache write - input) at the model's current price (per meter
+as the price book bills it: a meter without a price of its own costs the
+input price, so OpenAI's automatic caching has no write premium and
+Anthropic's 5-minute writes cost 1.25× input), batch-billed requests at the
+batch discount; no finding unless that is positive. For self-hosted
 deployments at the deployment-hour's cost per token times ``prefill_share``:
 a self-hosted token's cost is the GPU-hour spread evenly over input and
 output tokens, but a prefix hit only skips that token's prefill (computing
@@ -61,9 +76,10 @@ keeps:
 - ``caching_blocks``: every (cache, block) seen, once (the unbounded cache;
   a cache is named by the 64-bit BLAKE2b of "model=<provider> <model>" or
   "deployment=<name>");
-- ``caching_lru``: (cache, block, access number) rows appended for the blocks
-  each run touched; an LRU cache is the ``lru_capacity_blocks`` blocks with
-  the latest numbers (compacted from memory once it has grown).
+- ``caching_lru``: (cache, block, access number, its ts) rows appended for the
+  blocks each run touched; an LRU cache is the ``lru_capacity_blocks`` blocks
+  with the latest numbers, each with its last use (compacted from memory once
+  it has grown).
 
 The caches also live in memory between runs of one analyzer instance (the
 daemon keeps its instances), tagged with the store and the watermark they
@@ -88,8 +104,11 @@ Limits, stated: an event ingested after later events were processed (late
 data) is simulated as if it came after them; the unbounded cache state grows
 by one row per distinct block ever seen; changing ``lru_capacity_blocks``
 resizes the persisted LRU (shrinking evicts the least recent blocks, growing
-starts with what it holds) and raising ``response_ttl_s`` cannot recover the
-prompt keys already dropped.
+starts with what it holds); a changed prefix TTL applies to the accesses
+simulated from then on; raising ``response_ttl_s`` cannot recover the prompt
+keys already dropped. Providers' minimum cacheable prompt lengths (1,024
+tokens and more) and their caches' own capacity are not modelled beyond the
+LRU's.
 """
 
 from __future__ import annotations
@@ -99,7 +118,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import duckdb
 import numpy as np
@@ -145,6 +164,17 @@ _SCOPE = (
 )
 """The prefix cache an event's blocks live in: its deployment, else provider and model."""
 
+PrefixTtl = Annotated[float, Field(ge=0, le=366 * 86400)]
+PROVIDER_PREFIX_TTL_S: dict[str, float] = {"anthropic": 300.0, "openai": 300.0}
+"""How long a provider keeps an unused cached prefix, seconds (``prefix_ttl_s`` default).
+
+Anthropic: 5 minutes, refreshed by every use (``"ttl": "1h"`` buys an hour, its
+writes billed at 2x input instead of 1.25x: price them so in ``[[pricing.prices]]``
+when you set 3600). OpenAI (in-memory retention): cleared after 5 to 10 minutes
+unused, always within an hour of the last use; 300 is the low end (extended
+retention, on the models that offer it: 86400). Self-hosted deployments (vLLM)
+have no TTL: their caches evict least recently used blocks only."""
+
 
 class CachingOptions(Options):
     response_ttl_s: float = Field(
@@ -157,6 +187,16 @@ class CachingOptions(Options):
         100_000,
         ge=1,
         description="blocks each bounded LRU prefix cache (per model/deployment) holds",
+    )
+    prefix_ttl_s: dict[str, PrefixTtl] = Field(
+        default_factory=lambda: dict(PROVIDER_PREFIX_TTL_S),
+        description=(
+            "API prompt caches by provider: a cached prefix expires this many seconds after "
+            "its last use (0: never, LRU only)"
+        ),
+    )
+    default_prefix_ttl_s: PrefixTtl = Field(
+        300.0, description="the same, for providers not in prefix_ttl_s"
     )
     prefill_share: float = Field(
         0.5,
@@ -236,7 +276,7 @@ class _Caches:
 
     tag: tuple[Any, ...]
     seen: dict[int, _BlockSet] = field(default_factory=dict)  # by scope id
-    lru: dict[int, OrderedDict[int, None]] = field(default_factory=dict)
+    lru: dict[int, OrderedDict[int, int]] = field(default_factory=dict)  # block -> last use
     seq: int = 0  # the number of the last LRU access
     lru_rows: int = 0  # rows in caching_lru
     prompt_keys: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint64))  # sorted
@@ -262,18 +302,21 @@ def _load(con: duckdb.DuckDBPyConnection, tag: tuple[Any, ...], capacity: int) -
             "SELECT block FROM caching_blocks WHERE scope = ? ORDER BY block", [scope]
         ).fetchnumpy()
         caches.seen[int(scope)] = _BlockSet(seen["block"], is_sorted=True)
-    # an LRU cache holds the `capacity` blocks accessed last
+    # an LRU cache holds the `capacity` blocks accessed last, each with its last use
     held = con.execute(
         """
-        SELECT scope, block, max(seq) AS seq FROM caching_lru GROUP BY scope, block
+        SELECT scope, block, max(seq) AS seq, arg_max(at_us, seq) AS at_us
+        FROM caching_lru GROUP BY scope, block
         QUALIFY row_number() OVER (PARTITION BY scope ORDER BY max(seq) DESC) <= $cap
         ORDER BY scope, seq
         """,
         {"cap": capacity},
     ).fetchnumpy()
     scopes, blocks = np.asarray(held["scope"], np.int64), np.asarray(held["block"], np.int64)
+    used = np.asarray(held["at_us"], np.int64)
     for scope, lo, hi in _segments(scopes):
-        caches.lru[scope] = OrderedDict.fromkeys(blocks[lo:hi].tolist())
+        held_blocks, last_use = blocks[lo:hi].tolist(), used[lo:hi].tolist()
+        caches.lru[scope] = OrderedDict(zip(held_blocks, last_use, strict=True))
     row = con.execute("SELECT coalesce(max(seq), 0), count(*) FROM caching_lru").fetchone()
     assert row is not None
     caches.seq, caches.lru_rows = int(row[0]), int(row[1])
@@ -293,30 +336,52 @@ def _scope_id(name: str) -> int:
     return int.from_bytes(digest, "little", signed=True)
 
 
-def _simulate_lru(od: OrderedDict[int, None], keys: list[int], capacity: int) -> np.ndarray:
-    """Access ``keys`` in order on ``od`` (least recent first, at most ``capacity``).
+def _prefix_ttl_s(opts: CachingOptions, provider: str | None, *, self_hosted: bool) -> float:
+    """The TTL of a prefix cache, seconds; 0: none.
 
-    Every access makes its block the most recent; a miss inserts it and, when
-    the cache is full, evicts the least recent block. Returns whether each
-    block was held just before its access. (About 0.5-1 µs an access: this
-    loop is the analyzer's main per-event cost.)
+    A self-hosted deployment's cache has none (vLLM evicts least recently used
+    blocks only); an API model's is its provider's ``prefix_ttl_s``, else
+    ``default_prefix_ttl_s``.
+    """
+    if self_hosted:
+        return 0.0
+    return opts.prefix_ttl_s.get(provider or "", opts.default_prefix_ttl_s)
+
+
+def _simulate_lru(
+    od: OrderedDict[int, int], keys: list[int], times: list[int], capacity: int, ttl_us: int
+) -> np.ndarray:
+    """Access ``keys`` at ``times`` (µs) in order on ``od`` (block -> its last use, least
+    recent first, at most ``capacity``).
+
+    A block is held, a hit, when it is in ``od`` and, with a TTL (``ttl_us`` > 0),
+    was last used at most ``ttl_us`` before; a block unused for longer has expired
+    and its access is a miss (written again). Every access makes its block the most
+    recent and its time the last use; a miss of a block not in ``od`` inserts it and,
+    when the cache is full, evicts the least recent block. (Expired blocks are kept
+    until evicted: they are the least recent, so they go first, as a real cache
+    frees them first.) Returns whether each block was held just before its access.
+    (About 0.5-1 µs an access: this loop is the analyzer's main per-event cost.)
     """
     while len(od) > capacity:
         od.popitem(last=False)
     held: list[bool] = []
-    hit, move, pop = held.append, od.move_to_end, od.popitem
+    hit, move, pop, last_use = held.append, od.move_to_end, od.popitem, od.get
     size = len(od)
-    for k in keys:
-        if k in od:
-            move(k)
-            hit(True)
-        else:
-            od[k] = None
+    for k, t in zip(keys, times, strict=True):
+        last = last_use(k)
+        if last is None:
+            od[k] = t
             hit(False)
             size += 1
             if size > capacity:
                 pop(last=False)
                 size -= 1
+        else:
+            move(k)
+            if t > last:
+                od[k] = t
+            hit(ttl_us <= 0 or t - last <= ttl_us)
     return np.array(held, bool)
 
 
@@ -350,9 +415,10 @@ _COLUMNS = {
         *("hour", "provider", "model", "deployment", "billing_mode", "requests"),
         *("input_tokens", "cache_read_tokens", "unbounded_hit_tokens", "unbounded_extra_tokens"),
         *("lru_hit_tokens", "lru_extra_tokens"),
+        *("cache_write_tokens", "lru_write_tokens", "lru_write_extra_tokens"),
     ],
     "caching_blocks": ["scope", "block"],
-    "caching_lru": ["scope", "block", "seq"],
+    "caching_lru": ["scope", "block", "seq", "at_us"],
 }
 """The columns of this analyzer's tables, in their order (see finopsd/store.py)."""
 
@@ -399,7 +465,8 @@ def _process(
         f"""
         SELECT ts, {_HOUR} AS hour, tenant, app, feature, provider, request_model AS model,
                deployment, billing_mode, status = 'ok' AS ok, input_tokens, output_tokens,
-               coalesce(cache_read_input_tokens, 0) AS cache_read_tokens, cost_usd,
+               coalesce(cache_read_input_tokens, 0) AS cache_read_tokens,
+               coalesce(cache_creation_input_tokens, 0) AS cache_write_tokens, cost_usd,
                CASE WHEN prompt_hash IS NOT NULL
                     THEN hash(tenant, app, feature, request_model, prompt_hash) END AS rk,
                {_SCOPE} AS scope, prefix_hashes,
@@ -552,7 +619,12 @@ def _prefixes(
 
     scopes = table.column("scope").combine_chunks().dictionary_encode()
     names = scopes.dictionary.to_pylist()
-    access_scope = np.repeat(scopes.indices.to_numpy()[rows], lengths)
+    scope_of_row = scopes.indices.to_numpy()
+    access_scope = np.repeat(scope_of_row[rows], lengths)
+    access_us = np.repeat(pc.cast(table.column("ts"), pa.int64()).to_numpy()[rows], lengths)
+    a_row = np.zeros(len(names), np.int64)  # a row of each cache (all name its provider)
+    a_row[scope_of_row] = np.arange(len(scope_of_row))
+    providers = table.column("provider").take(pa.array(a_row)).to_pylist()
     order = np.argsort(access_scope, kind="stable")
     bounds = np.concatenate([[0], np.cumsum(np.bincount(access_scope, minlength=len(names)))])
     seen_flags = np.zeros(len(blocks), bool)
@@ -579,15 +651,23 @@ def _prefixes(
         new_blocks.append(
             pa.table({"scope": pa.repeat(scope, int(fresh.sum())), "block": uniq[fresh]})
         )
-        # bounded LRU, one access at a time; each touched block's last access is appended
+        # bounded LRU (with the provider's TTL), one access at a time; each touched
+        # block's last access is appended, with its time
         od = caches.lru.setdefault(scope, OrderedDict())
-        lru_flags[at] = _simulate_lru(od, keys.tolist(), opts.lru_capacity_blocks)
+        ttl_s = _prefix_ttl_s(opts, providers[i], self_hosted=name.startswith("deployment="))
+        ttl_us = round(ttl_s * 1_000_000)
+        used = access_us[at]
+        lru_flags[at] = _simulate_lru(
+            od, keys.tolist(), used.tolist(), opts.lru_capacity_blocks, ttl_us
+        )
+        used_last = zip(uniq.tolist(), used[last_at].tolist(), strict=True)  # evicted: not in od
         touched.append(
             pa.table(
                 {
                     "scope": pa.repeat(scope, len(uniq)),
                     "block": uniq,
                     "seq": caches.seq + 1 + last_at,
+                    "at_us": np.fromiter((od.get(k, t) for k, t in used_last), np.int64, len(uniq)),
                 }
             )
         )
@@ -597,6 +677,9 @@ def _prefixes(
     cache_read = table.column("cache_read_tokens").to_numpy()[rows].astype(np.int64)
     unb = np.minimum(_leading_hits(seen_flags, starts, lengths) * opts.block_tokens, inp)
     lru = np.minimum(_leading_hits(lru_flags, starts, lengths) * opts.block_tokens, inp)
+    # with caching on, what a request does not read from the cache is written to it
+    cache_write = table.column("cache_write_tokens").to_numpy()[rows].astype(np.int64)
+    written = np.minimum(lengths * opts.block_tokens, inp) - lru
     df = pl.from_arrow(
         table.select(["hour", "provider", "model", "deployment", "billing_mode"]).take(rows)
     )
@@ -608,6 +691,9 @@ def _prefixes(
         pl.Series("unbounded_extra_tokens", np.maximum(unb - cache_read, 0)),
         pl.Series("lru_hit_tokens", lru),
         pl.Series("lru_extra_tokens", np.maximum(lru - cache_read, 0)),
+        pl.Series("cache_write_tokens", cache_write),
+        pl.Series("lru_write_tokens", written),
+        pl.Series("lru_write_extra_tokens", np.maximum(written - cache_write, 0)),
     )
     sums = [
         "input_tokens",
@@ -616,6 +702,9 @@ def _prefixes(
         "unbounded_extra_tokens",
         "lru_hit_tokens",
         "lru_extra_tokens",
+        "cache_write_tokens",
+        "lru_write_tokens",
+        "lru_write_extra_tokens",
     ]
     hourly = df.group_by("hour", "provider", "model", "deployment", "billing_mode").agg(
         pl.len().alias("requests"), *(pl.col(c).sum() for c in sums)
@@ -632,6 +721,7 @@ def _prefixes(
                     "scope": pa.repeat(scope, len(od)),
                     "block": np.fromiter(od, np.int64, len(od)),
                     "seq": caches.seq - len(od) + 1 + np.arange(len(od), dtype=np.int64),
+                    "at_us": np.fromiter(od.values(), np.int64, len(od)),
                 }
             )
             for scope, od in caches.lru.items()
@@ -661,6 +751,23 @@ def _current_price(prices: PriceBook, provider: str | None, model: str, at: date
         if p.key == key and p.effective_from <= at.date():
             found = p
     return found
+
+
+def _meters(prices: PriceBook, price: Any) -> tuple[float, float, float, float]:
+    """(input, cached input, cache write, batch discount) of ``price``, USD per Mtok: the
+    price book's unit prices for its id (what each meter is billed), else its own
+    fields (a meter without a price costs the input price)."""
+    unit = prices.unit_prices(price.price_id)
+    if unit is not None:
+        return unit.input, unit.cached_input, unit.cache_write, unit.batch_discount
+    p_in = float(price.input_per_mtok)
+    cached, written = price.cached_input_per_mtok, price.cache_write_per_mtok
+    return (
+        p_in,
+        p_in if cached is None else float(cached),
+        p_in if written is None else float(written),
+        float(price.batch_discount),
+    )
 
 
 def _worth(monthly_usd: float, opts: CachingOptions) -> bool:
@@ -785,7 +892,8 @@ class Caching(Analyzer):
                    sum(requests), sum(input_tokens), sum(cache_read_tokens),
                    sum(unbounded_hit_tokens), sum(lru_hit_tokens), sum(lru_extra_tokens),
                    sum(p.lru_extra_tokens * rate.usd_per_token),
-                   sum(p.lru_extra_tokens) FILTER (WHERE rate.usd_per_token IS NULL)
+                   sum(p.lru_extra_tokens) FILTER (WHERE rate.usd_per_token IS NULL),
+                   sum(cache_write_tokens), sum(lru_write_tokens), sum(lru_write_extra_tokens)
             FROM p LEFT JOIN rate ON p.deployment = rate.deployment AND p.hour = rate.hour
             GROUP BY ALL
             ORDER BY ALL
@@ -801,7 +909,7 @@ class Caching(Analyzer):
             acc["sums"] = [a + (s or 0) for a, s in zip(acc["sums"], sums, strict=True)]
         out = []
         for (provider, model, deployment), acc in scopes.items():
-            requests, inp, cache_read, unb, lru, extra, _usd, _unpriced = acc["sums"]
+            requests, inp, cache_read, unb, lru, extra, _usd, _unpriced, *writes = acc["sums"]
             if requests < opts.min_requests:
                 continue
             evidence: dict[str, Any] = {
@@ -815,6 +923,10 @@ class Caching(Analyzer):
                 "lru_capacity_blocks": opts.lru_capacity_blocks,
                 "block_tokens": opts.block_tokens,
                 "savable_tokens": int(extra),
+                "prefix_ttl_s": _prefix_ttl_s(opts, provider, self_hosted=deployment is not None),
+                "cache_write_tokens": int(writes[0]),
+                "lru_write_tokens": int(writes[1]),
+                "premium_write_tokens": int(writes[2]),
                 "covered_start": covered.start.isoformat(),
                 "covered_days": covered.days,
             }
@@ -837,21 +949,28 @@ class Caching(Analyzer):
     ) -> Finding | None:
         assert model is not None
         price = _current_price(ctx.prices, provider, model, ctx.now)
-        if price is None or price.cached_input_per_mtok is None:
+        if price is None:
             return None
-        per_token = (price.input_per_mtok - price.cached_input_per_mtok) / PER_MILLION
-        if per_token <= 0:
-            return None
-        saved = 0.0
+        p_in, p_cached, p_write, batch_discount = _meters(ctx.prices, price)
+        if p_in - p_cached <= 0:
+            return None  # no cheaper cache reads: nothing for prompt caching to save
+        # hits not yet billed as cache reads save (input - cached input); what caching
+        # writes beyond today's cache writes costs (cache write - input) more
+        hit_usd = premium_usd = 0.0
         for mode, sums in acc["by_mode"].items():
-            discount = price.batch_discount if mode == "batch" else 0.0
-            saved += (sums[5] or 0) * per_token * (1 - discount)
+            discount = batch_discount if mode == "batch" else 0.0
+            hit_usd += (sums[5] or 0) * (p_in - p_cached) / PER_MILLION * (1 - discount)
+            premium_usd += (sums[10] or 0) * (p_write - p_in) / PER_MILLION * (1 - discount)
+        saved = hit_usd - premium_usd
         saving = monthly(saved, covered)
         scope = {"provider": provider or NONE, "model": model}
         evidence |= {
             "price_id": price.price_id,
-            "input_per_mtok": price.input_per_mtok,
-            "cached_input_per_mtok": price.cached_input_per_mtok,
+            "input_per_mtok": p_in,
+            "cached_input_per_mtok": p_cached,
+            "cache_write_per_mtok": p_write,
+            "hit_savings_usd": hit_usd,
+            "write_premium_usd": premium_usd,
             "saved_usd": saved,
         }
         return Finding(
@@ -864,9 +983,11 @@ class Caching(Analyzer):
             evidence=evidence,
             monthly_savings_usd=saving,
             savings_method=(
-                "LRU prefix-cache hit tokens not already billed as cache reads, times "
-                "(input - cached input) of the model's current price (batch discount "
-                "applied), over the covered span, projected to a month"
+                "LRU prefix-cache hit tokens (within the provider's cache TTL) not already "
+                "billed as cache reads times (input - cached input), less the tokens it "
+                "writes beyond today's cache writes times (cache write - input), at the "
+                "model's current price (batch discount applied), over the covered span, "
+                "projected to a month"
             ),
             confidence=0.6,
             risk="low",
