@@ -743,14 +743,9 @@ def _covered(since: datetime | None, window: Window) -> Window | None:
 
 
 def _current_price(prices: PriceBook, provider: str | None, model: str, at: datetime) -> Any:
+    """The list price of ``provider``/``model`` in effect on ``at``'s day; None: unknown."""
     key = prices.resolve(provider, model, model)
-    if key is None:
-        return None
-    found = None
-    for p in prices.prices:
-        if p.key == key and p.effective_from <= at.date():
-            found = p
-    return found
+    return None if key is None else prices.price_at(key, at.date())
 
 
 def _meters(prices: PriceBook, price: Any) -> tuple[float, float, float, float]:
