@@ -34,7 +34,7 @@ from rss import RssSampler, current_mib
 from finopsd.analyzers.runner import build, run_analyzers
 from finopsd.config import load_settings
 from finopsd.daemon import bound_allocators, daemon_store
-from finopsd.pricing import PriceBook, load_catalog
+from finopsd.pricing import PriceBook
 from finopsd.store import Store
 
 FULL_TARGET_S = 5.0
@@ -69,7 +69,7 @@ def _case(expr: str, values: list[str], weights: list[int] | None = None) -> str
 
 def generate(store: Store, *, start: datetime, events: int, seconds: float, first_id: int) -> None:
     """Append ``events`` synthetic, priced usage events spread over ``seconds`` from ``start``."""
-    prices = PriceBook(load_catalog())
+    prices = PriceBook.shipped()
     con = store.cursor()
     rows = []
     for provider, model, _dep, _w in MODELS:
@@ -284,7 +284,7 @@ def main() -> int:
                     "WHERE name IN ('memory_limit', 'threads', 'temp_directory')"
                 ).fetchall()
             )
-            prices = PriceBook(load_catalog())
+            prices = PriceBook.shipped()
             analyzers = build({})
             label = ["full"]
             _measure(analyzers, label)

@@ -751,6 +751,10 @@ not in --format exits 2.""",
         "--json", action="store_true", help="print the summary as JSON (stderr when -o -)"
     )
     p.set_defaults(func=cmd_export_focus)
+
+    from finopsd.cli_prices import add_parsers as add_prices_parsers
+
+    add_prices_parsers(sub, common, _settings)
     return parser
 
 

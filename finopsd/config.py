@@ -255,7 +255,6 @@ class PricingSettings(_Section):
     deployments: list[DeploymentEntry] = []
     disagreement_tolerance: float = Field(0.01, ge=0, le=1)
     settle_interval_s: float = Field(300, ge=1, le=86_400)
-    settle_lookback_hours: float = Field(48, gt=0, le=24 * 90)
 
     @model_validator(mode="after")
     def _deployments(self) -> PricingSettings:

@@ -118,16 +118,11 @@ class SelfHostedSettler(threading.Thread):
         self.store = store
         self.deployments = list(prices.deployments.values())
         self.interval_s = settings.settle_interval_s
-        self.lookback = timedelta(hours=settings.settle_lookback_hours)
         self._stop_event = stop
 
     def settle(self) -> int:
         until = datetime.now(UTC)
-        return self.store.write(
-            lambda con: settle_self_hosted(
-                con, self.deployments, until=until, lookback=self.lookback
-            )
-        )
+        return self.store.write(lambda con: settle_self_hosted(con, self.deployments, until=until))
 
     def run(self) -> None:
         if not self.deployments:

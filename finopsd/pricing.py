@@ -33,12 +33,13 @@ disagree by more than ``pricing.disagreement_tolerance`` (relative).
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
+import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,14 @@ import duckdb
 import polars as pl
 import pyarrow as pa
 
+from finopsd.catalog import (
+    GenaiCatalog,
+    ModelPricing,
+    merge,
+    midnight,
+    rules_from_prices,
+    shipped_csv_catalog,
+)
 from finopsd.store import utc_floor
 
 log = logging.getLogger(__name__)
@@ -63,14 +72,19 @@ COST_SCHEMA = pa.schema(
         pa.field("cost_usd", pa.float64()),
         pa.field("price_source", pa.string()),
         pa.field("price_id", pa.string()),
+        pa.field("price_catalog", pa.string()),
     ]
 )
 """Columns ``PriceBook.price`` adds to a batch of usage events (and the store keeps).
 
 Per-meter costs are at list price; ``cost_usd = list_cost_usd * (1 - discount_rate)``
-is what is billed. ``price_source``: catalog | config | self_hosted | NULL (unpriced,
-every cost NULL). ``price_id``: ``provider/model@effective_from`` or
-``self_hosted/<deployment>``."""
+is what is billed (batch prices for batch traffic: ``discount_rate`` is then what they
+take off list). ``price_source``: catalog | config | self_hosted | cache_hit (a
+gateway's response-cache hit: costs 0) | NULL (unpriced, every cost NULL).
+``price_id``: ``provider/model@<effective date or "list">``, with ``~HHMM-HHMMZ`` for
+a time-of-day price and ``>N`` for the tier above N input tokens, or
+``self_hosted/<deployment>``. ``price_catalog``: what priced it — ``genai-prices
+<version>``, ``prices.csv <sha>``, ``config`` — so a later catalog can re-price."""
 
 SELF_HOSTED = "self_hosted"
 
@@ -93,6 +107,7 @@ class Price:
     batch_discount: float = 0.0
     currency: str = "USD"
     source: str = "catalog"
+    reference: str = ""  # where the price is published (the CSV's source column)
 
     @property
     def key(self) -> str:
@@ -205,22 +220,26 @@ def price_from_mapping(row: Mapping[str, Any], *, where: str, source: str) -> Pr
 def load_catalog(path: Path | None = None) -> list[Price]:
     """Prices from a catalog CSV with the shipped ``prices.csv``'s columns (None: that file)."""
     if path is None:
-        text = resources.files("finopsd").joinpath("data/prices.csv").read_text()
-        name = "finopsd/data/prices.csv"
-    else:
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise PricingError(f"price catalog {path}: {exc.strerror or exc}") from None
-        name = str(path)
+        text, _label = shipped_csv_catalog()
+        return load_catalog_text(text, name="finopsd/data/prices.csv")
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PricingError(f"price catalog {path}: {exc.strerror or exc}") from None
+    return load_catalog_text(text, name=str(path))
+
+
+def load_catalog_text(text: str, *, name: str) -> list[Price]:
+    """Prices from the text of a catalog CSV; errors name ``name``, the line and the field."""
     reader = csv.DictReader(text.splitlines())
     absent = [f for f in _PRICE_FIELDS if f not in (reader.fieldnames or [])]
     if absent:
         raise PricingError(f"price catalog {name}: missing column(s) {', '.join(absent)}")
-    return [
-        price_from_mapping(row, where=f"price catalog {name} line {line}", source="catalog")
-        for line, row in enumerate(reader, start=2)
-    ]
+    prices = []
+    for line, row in enumerate(reader, start=2):
+        price = price_from_mapping(row, where=f"price catalog {name} line {line}", source="catalog")
+        prices.append(replace(price, reference=str(row.get("source") or "")))
+    return prices
 
 
 @dataclass
@@ -232,17 +251,22 @@ class PricingStats:
 
 
 class PriceBook:
-    """Prices usage events: the catalog with config overrides, and self-hosted deployments.
+    """Prices usage events: config entries, the CSV catalog, genai-prices, self-hosting.
 
-    ``price(rows)`` is pure and safe to call from a worker thread.
+    ``resolve`` names the price of an event (a ``provider/model`` key); ``price(rows)``
+    prices a decoded batch (pure, safe to call from a worker thread); ``price_at``
+    and ``unit_prices`` say what a key or a stored ``price_id`` charges. See
+    ``finopsd.catalog`` for precedence and the rules.
     """
 
     def __init__(
         self,
-        prices: Iterable[Price],
+        prices: Iterable[Price] = (),
         deployments: Iterable[Deployment] = (),
         *,
         disagreement_tolerance: float = 0.01,
+        genai: GenaiCatalog | None = None,
+        catalog_label: str = "prices.csv",
     ) -> None:
         merged: dict[tuple[str, str, date], Price] = {}
         for price in prices:  # later entries (config) replace earlier ones (catalog)
@@ -250,50 +274,28 @@ class PriceBook:
         self.prices = sorted(merged.values(), key=lambda p: (p.key, p.effective_from))
         self.deployments = {d.name: d for d in deployments}
         self.disagreement_tolerance = disagreement_tolerance
+        self.genai = genai
+        self.catalog_label = catalog_label
+        self._explicit = rules_from_prices(self.prices, catalog=catalog_label)
         self._models: dict[str, set[str]] = {}
         for p in self.prices:
             self._models.setdefault(p.provider, set()).add(p.model)
-        self._frame = pl.DataFrame(
-            {
-                "price_key": [p.key for p in self.prices],
-                "effective_from": [
-                    datetime.combine(p.effective_from, datetime.min.time(), UTC)
-                    for p in self.prices
-                ],
-                "p_input": [p.input_per_mtok for p in self.prices],
-                "p_cached": [
-                    p.input_per_mtok if p.cached_input_per_mtok is None else p.cached_input_per_mtok
-                    for p in self.prices
-                ],
-                "p_write": [
-                    p.input_per_mtok if p.cache_write_per_mtok is None else p.cache_write_per_mtok
-                    for p in self.prices
-                ],
-                "p_output": [p.output_per_mtok for p in self.prices],
-                "p_batch": [p.batch_discount for p in self.prices],
-                "p_source": [p.source for p in self.prices],
-                "p_id": [p.price_id for p in self.prices],
-            },
-            schema={
-                "price_key": pl.String,
-                "effective_from": pl.Datetime("us", "UTC"),
-                "p_input": pl.Float64,
-                "p_cached": pl.Float64,
-                "p_write": pl.Float64,
-                "p_output": pl.Float64,
-                "p_batch": pl.Float64,
-                "p_source": pl.String,
-                "p_id": pl.String,
-            },
-        ).sort("effective_from")
         self._resolved: dict[tuple[str | None, str | None, str | None, str | None], str | None]
         self._resolved = {}
+        self._pricing: dict[str, ModelPricing | None] = {}
+        self._segments: dict[str, pl.DataFrame] = {}
         self._warned: set[str] = set()
+        self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Any) -> PriceBook:
         """The price book that ``[pricing]`` in config.toml describes (a ``PricingSettings``)."""
-        prices = load_catalog(settings.catalog)
+        if settings.catalog is None:
+            text, label = shipped_csv_catalog()
+            prices = load_catalog_text(text, name="finopsd/data/prices.csv")
+        else:
+            prices = load_catalog(settings.catalog)
+            label = f"{settings.catalog.name} {_sha8(settings.catalog)}"
         for i, entry in enumerate(settings.prices):
             prices.append(
                 price_from_mapping(
@@ -310,17 +312,22 @@ class PriceBook:
             )
             for d in settings.deployments
         ]
-        return cls(prices, deployments, disagreement_tolerance=settings.disagreement_tolerance)
+        return cls(
+            prices,
+            deployments,
+            disagreement_tolerance=settings.disagreement_tolerance,
+            genai=GenaiCatalog(),
+            catalog_label=label,
+        )
+
+    @classmethod
+    def shipped(cls, deployments: Iterable[Deployment] = ()) -> PriceBook:
+        """The shipped catalogs only (genai-prices and ``prices.csv``), no config."""
+        text, label = shipped_csv_catalog()
+        prices = load_catalog_text(text, name="finopsd/data/prices.csv")
+        return cls(prices, deployments, genai=GenaiCatalog(), catalog_label=label)
 
     # -- matching ---------------------------------------------------------------------
-
-    def price_at(self, key: str, on: date) -> Price | None:
-        """The price of ``key`` ("provider/model") in effect on ``on``; None before its first."""
-        found = None
-        for p in self.prices:  # sorted by key, then effective_from
-            if p.key == key and p.effective_from <= on:
-                found = p
-        return found
 
     def resolve(
         self,
@@ -331,10 +338,12 @@ class PriceBook:
     ) -> str | None:
         """The price key for an event: ``self_hosted/<deployment>``, ``provider/model``, or None.
 
-        The model that answered is preferred to the one asked for. A dated or
-        suffixed name (``gpt-4o-2024-08-06``) takes the longest catalog model it
-        starts with (``gpt-4o``, not ``gpt-4``). With no provider, a model name
-        that only one provider prices is enough.
+        The model that answered is preferred to the one asked for. A config or CSV
+        entry matches by its exact name (``openai/gpt-4o`` as gateways write it
+        too); otherwise genai-prices resolves the name by the provider's rules
+        (dated snapshots and aliases: ``gpt-4o-2024-08-06`` is ``gpt-4o``). With no
+        provider, a model name only one provider prices is enough. Never a guess by
+        prefix: a name nobody knows stays unpriced (None).
         """
         memo = (provider, response_model, request_model, deployment)
         if memo in self._resolved:
@@ -343,114 +352,268 @@ class PriceBook:
         if deployment is not None and deployment in self.deployments:
             key = f"{SELF_HOSTED}/{deployment}"
         else:
-            providers = [provider] if provider else sorted(self._models)
             for model in (response_model, request_model):
                 if not model:
                     continue
-                found = {p: m for p in providers if (m := self._match(p, model))}
-                if len(found) == 1:
-                    ((p, m),) = found.items()
-                    key = f"{p}/{m}"
+                key = self._match_explicit(provider, model)
+                if key is None and self.genai is not None:
+                    key = self.genai.find(provider, model)
+                if key is not None:
                     break
         self._resolved[memo] = key
         return key
 
-    def _match(self, provider: str, model: str) -> str | None:
-        models = self._models.get(provider, set())
-        if model in models:
-            return model
-        # "openai/gpt-4o" as some gateways write it
-        if "/" in model and model.split("/", 1)[1] in models and model.startswith(provider):
-            return model.split("/", 1)[1]
-        best = None
-        for m in models:
-            longer = best is None or len(m) > len(best)
-            if longer and model.startswith(m) and model[len(m) : len(m) + 1] in ("-", "@", ":"):
-                best = m
-        return best
+    def _match_explicit(self, provider: str | None, model: str) -> str | None:
+        providers = [provider] if provider else sorted(self._models)
+        found = set()
+        for p in providers:
+            models = self._models.get(p, set())
+            if model in models:
+                found.add(f"{p}/{model}")
+            elif "/" in model and model.split("/", 1)[0] == p and model.split("/", 1)[1] in models:
+                found.add(f"{p}/{model.split('/', 1)[1]}")  # "openai/gpt-4o"
+        return found.pop() if len(found) == 1 else None
+
+    def pricing(self, key: str) -> ModelPricing | None:
+        """Every rule that prices ``key`` (genai-prices' with config and CSV ones over them)."""
+        if key not in self._pricing:
+            base = self.genai.pricing(key) if self.genai is not None else None
+            self._pricing[key] = merge(base, self._explicit.get(key))
+        return self._pricing[key]
+
+    def price_at(self, key: str, on: date) -> Price | None:
+        """What ``key`` charges on ``on`` (at noon UTC; the lowest tier); None if unpriced.
+
+        For analyzers' what-if figures; events themselves are priced by ``price``.
+        """
+        pricing = self.pricing(key) if not key.startswith(f"{SELF_HOSTED}/") else None
+        rule = pricing.rule_at(midnight(on) + timedelta(hours=12)) if pricing else None
+        if rule is None:
+            return None
+        tier = rule.tiers[0]
+        provider, _, model = key.partition("/")
+        return Price(
+            provider,
+            model,
+            (rule.effective_from or midnight(date(1970, 1, 1))).date(),
+            tier.list.input,
+            tier.list.output,
+            tier.list.cached_input,
+            tier.list.cache_write,
+            rule.batch_discount,
+            source=rule.source,
+        )
 
     def unit_prices(self, price_id: str) -> UnitPrices | None:
-        """The per-meter prices behind ``price_id`` (as stored on events); None if unknown."""
-        for p in self.prices:
-            if p.price_id == price_id:
-                cached = (
-                    p.input_per_mtok if p.cached_input_per_mtok is None else p.cached_input_per_mtok
-                )
-                write = (
-                    p.input_per_mtok if p.cache_write_per_mtok is None else p.cache_write_per_mtok
+        """The per-meter list prices behind a stored ``price_id``; None if unknown."""
+        key = price_id.split("@", 1)[0]
+        pricing = None if key.startswith(f"{SELF_HOSTED}/") else self.pricing(key)
+        for rule in pricing.rules if pricing else ():
+            for tier in rule.tiers:
+                if rule.tier_id(tier) != price_id:
+                    continue
+                m = tier.list
+                above = (
+                    f" for requests over {tier.above_input_tokens:,} input tokens"
+                    if tier.above_input_tokens >= 0
+                    else ""
                 )
                 return UnitPrices(
                     price_id=price_id,
-                    input=p.input_per_mtok,
-                    cached_input=cached,
-                    cache_write=write,
-                    output=p.output_per_mtok,
-                    batch_discount=p.batch_discount,
-                    source=p.source,
-                    details=f"{p.key} list price from {p.effective_from.isoformat()}",
+                    input=m.input,
+                    cached_input=m.cached_input,
+                    cache_write=m.cache_write,
+                    output=m.output,
+                    batch_discount=rule.batch_discount,
+                    source=rule.catalog,
+                    details=(
+                        f"USD per million tokens{above}: input {m.input:g}, cached input "
+                        f"{m.cached_input:g}, cache write {m.cache_write:g}, output "
+                        f"{m.output:g} ({rule.catalog}; {rule.reference})"
+                    ),
                 )
         return None
 
     # -- pricing ----------------------------------------------------------------------
 
+    def _segments_of(self, key: str) -> pl.DataFrame:
+        """``key``'s rules as a timeline: per time-of-day slot, the tiers from each date on."""
+        with self._lock:
+            if key in self._segments:
+                return self._segments[key]
+        pricing = self.pricing(key)
+        rows: list[dict[str, Any]] = []
+        if pricing is not None:
+            starts = sorted({r.effective_from for r in pricing.rules if r.effective_from})
+            edges = sorted({0, *(m for r in pricing.rules if r.time_of_day for m in r.time_of_day)})
+            edges = [e for e in edges if e < MINUTES_PER_DAY]
+            for minute in edges:
+                for start in [EARLIEST, *starts]:
+                    rule = pricing.rule_at(start + timedelta(minutes=minute))
+                    row: dict[str, Any] = {
+                        "price_key": key,
+                        "slot_start": minute,
+                        "seg_start": start,
+                        "s_source": rule.source if rule else None,
+                        "s_catalog": rule.catalog if rule else None,
+                    }
+                    for t in range(MAX_TIERS):
+                        tier = rule.tiers[t] if rule and t < len(rule.tiers) else None
+                        row[f"above{t}"] = tier.above_input_tokens if tier else NEVER
+                        row[f"id{t}"] = rule.tier_id(tier) if rule and tier else None
+                        for meter in ("input", "cached_input", "cache_write", "output"):
+                            row[f"l_{meter}{t}"] = getattr(tier.list, meter) if tier else None
+                            row[f"b_{meter}{t}"] = getattr(tier.batch, meter) if tier else None
+                    rows.append(row)
+        frame = pl.DataFrame(rows, schema=_SEGMENT_SCHEMA)
+        with self._lock:
+            self._segments[key] = frame
+        return frame
+
     def price(self, rows: pa.Table) -> tuple[pa.Table, PricingStats]:
-        """``rows`` (usage events, store columns) with ``COST_SCHEMA`` columns appended."""
+        """``rows`` (usage events, store columns) with ``COST_SCHEMA`` columns appended.
+
+        Per event: the rule in effect at its ``ts`` (date and UTC time of day), the
+        tier its input tokens fall in, list prices for the four meters and, for
+        ``billing_mode = "batch"``, the batch prices. A response-cache hit
+        (``cache_hit``) costs nothing: its price is kept (``price_id``), its costs
+        are 0 and ``price_source`` is ``cache_hit``.
+        """
         stats = PricingStats()
         if rows.num_rows == 0:
             return _append(rows, COST_SCHEMA.empty_table()), stats
         names = ["provider", "response_model", "request_model", "deployment"]
-        frame = pl.DataFrame(
-            rows.select(
-                [
-                    *names,
-                    "ts",
-                    "billing_mode",
-                    "input_tokens",
-                    "output_tokens",
-                    "cache_read_input_tokens",
-                    "cache_creation_input_tokens",
-                    "gateway_cost_usd",
-                ]
-            )
-        ).with_row_index("__row")
+        wanted = [
+            *names,
+            "ts",
+            "billing_mode",
+            "input_tokens",
+            "output_tokens",
+            "cache_read_input_tokens",
+            "cache_creation_input_tokens",
+            "gateway_cost_usd",
+        ]
+        frame = pl.DataFrame(rows.select(wanted)).with_row_index("__row")
+        # the store hands back "Etc/UTC" and may use another unit: one type for the joins
+        frame = frame.with_columns(
+            pl.col("ts").dt.convert_time_zone("UTC").dt.cast_time_unit("us").alias("ts")
+        )
+        if "cache_hit" in rows.column_names:
+            frame = frame.with_columns(pl.Series("cache_hit", rows.column("cache_hit")))
+        else:
+            frame = frame.with_columns(pl.lit(False).alias("cache_hit"))
         combos = frame.select(names).unique()
         keys = [self.resolve(*combo) for combo in combos.iter_rows()]
         combos = combos.with_columns(pl.Series("price_key", keys, dtype=pl.String))
         frame = frame.join(combos, on=names, how="left", nulls_equal=True)
-        priced = (
+        api_keys = sorted({k for k in keys if k and not k.startswith(f"{SELF_HOSTED}/")})
+        segments = pl.concat(
+            [_SEGMENT_SCHEMA_FRAME, *(self._segments_of(k) for k in api_keys)], how="vertical"
+        )
+        slots = segments.select("price_key", "slot_start").unique()
+        if slots.height == 0 or slots.get_column("slot_start").max() == 0:
+            frame = frame.with_columns(pl.lit(0, pl.Int32).alias("slot_start"))
+        else:  # a time-of-day price: each key's slot is the last start at or before the minute
+            minute = pl.col("ts").dt.hour().cast(pl.Int32) * 60 + pl.col("ts").dt.minute().cast(
+                pl.Int32
+            )
+            frame = (
+                frame.with_columns(minute.alias("__minute"))
+                .sort("__minute")
+                .join_asof(
+                    slots.sort("slot_start"),
+                    left_on="__minute",
+                    right_on="slot_start",
+                    by="price_key",
+                    strategy="backward",
+                    check_sortedness=False,
+                )
+            )
+        tiers = 1  # tier columns worth reading: those some key in the batch has
+        for t in range(1, MAX_TIERS):
+            if segments.height and segments.get_column(f"above{t}").min() != NEVER:
+                tiers = t + 1
+        segments = segments.select(
+            pl.exclude([c for c in segments.columns if c[-1].isdigit() and int(c[-1]) >= tiers])
+        )
+        frame = (
             frame.sort("ts")
             .join_asof(
-                self._frame,
+                segments.sort("seg_start"),
                 left_on="ts",
-                right_on="effective_from",
-                by="price_key",
+                right_on="seg_start",
+                by=["price_key", "slot_start"],
                 strategy="backward",
                 check_sortedness=False,  # both sides are sorted by time just above
             )
             .sort("__row")
         )
+
+        def tiered(column: str) -> pl.Expr:
+            expr = pl.col(f"{column}0")
+            for t in range(1, tiers):
+                expr = (
+                    pl.when(pl.col("input_tokens") > pl.col(f"above{t}"))
+                    .then(pl.col(f"{column}{t}"))
+                    .otherwise(expr)
+                )
+            return expr
+
+        batch = pl.col("billing_mode") == "batch"
+        meters = ("input", "cached_input", "cache_write", "output")
+        frame = frame.with_columns(
+            *(tiered(f"l_{m}").alias(f"p_{m}") for m in meters),
+            *(
+                pl.when(batch).then(tiered(f"b_{m}")).otherwise(tiered(f"l_{m}")).alias(f"q_{m}")
+                for m in meters
+            ),
+            tiered("id").alias("p_id"),
+        )
         cache_read = pl.col("cache_read_input_tokens").fill_null(0)
         cache_write = pl.col("cache_creation_input_tokens").fill_null(0)
         uncached = pl.max_horizontal(pl.col("input_tokens") - cache_read - cache_write, pl.lit(0))
-        out = priced.select(
-            (uncached * pl.col("p_input") / PER_MILLION).alias("input_cost_usd"),
-            (cache_read * pl.col("p_cached") / PER_MILLION).alias("cached_input_cost_usd"),
-            (cache_write * pl.col("p_write") / PER_MILLION).alias("cache_write_cost_usd"),
-            (pl.col("output_tokens") * pl.col("p_output") / PER_MILLION).alias("output_cost_usd"),
-            pl.when(pl.col("p_id").is_null())
-            .then(None)
-            .when(pl.col("billing_mode") == "batch")
-            .then(pl.col("p_batch"))
-            .otherwise(0.0)
-            .alias("discount_rate"),
-            pl.when(pl.col("price_key").str.starts_with(f"{SELF_HOSTED}/"))
+        tokens = {
+            "input": uncached,
+            "cached_input": cache_read,
+            "cache_write": cache_write,
+            "output": pl.col("output_tokens"),
+        }
+        self_hosted = pl.col("price_key").str.starts_with(f"{SELF_HOSTED}/").fill_null(False)
+        hit = pl.col("cache_hit").fill_null(False) & (pl.col("p_id").is_not_null() | self_hosted)
+        zero_if_hit = {
+            m: pl.when(hit).then(0.0).otherwise(tokens[m] * pl.col(f"p_{m}") / PER_MILLION)
+            for m in meters
+        }
+        billed = [
+            pl.when(hit).then(0.0).otherwise(tokens[m] * pl.col(f"q_{m}") / PER_MILLION)
+            for m in meters
+        ]
+        out = frame.select(
+            zero_if_hit["input"].alias("input_cost_usd"),
+            zero_if_hit["cached_input"].alias("cached_input_cost_usd"),
+            zero_if_hit["cache_write"].alias("cache_write_cost_usd"),
+            zero_if_hit["output"].alias("output_cost_usd"),
+            (billed[0] + billed[1] + billed[2] + billed[3]).alias("__billed"),
+            pl.when(self_hosted & hit)
+            .then(pl.lit(CACHE_HIT))
+            .when(self_hosted)
             .then(pl.lit(SELF_HOSTED))
-            .otherwise(pl.col("p_source"))
+            .when(pl.col("p_id").is_null())
+            .then(None)
+            .when(hit)
+            .then(pl.lit(CACHE_HIT))
+            .otherwise(pl.col("s_source"))
             .alias("price_source"),
-            pl.when(pl.col("price_key").str.starts_with(f"{SELF_HOSTED}/"))
+            pl.when(self_hosted)
             .then(pl.col("price_key"))
             .otherwise(pl.col("p_id"))
             .alias("price_id"),
+            pl.when(self_hosted)
+            .then(pl.lit("config"))
+            .when(pl.col("p_id").is_null())
+            .then(None)
+            .otherwise(pl.col("s_catalog"))
+            .alias("price_catalog"),
             pl.col("gateway_cost_usd"),
             pl.col("provider"),
             pl.col("request_model"),
@@ -464,7 +627,13 @@ class PriceBook:
         )
         out = out.with_columns(
             list_cost.alias("list_cost_usd"),
-            (list_cost * (1 - pl.col("discount_rate"))).alias("cost_usd"),
+            pl.col("__billed").alias("cost_usd"),
+            pl.when(list_cost.is_null())
+            .then(None)
+            .when(list_cost > 0)
+            .then(1 - pl.col("__billed") / list_cost)
+            .otherwise(0.0)
+            .alias("discount_rate"),
         )
         unpriced = out.filter(pl.col("price_source").is_null())
         if unpriced.height:
@@ -474,8 +643,9 @@ class PriceBook:
                 if name not in self._warned:
                     self._warned.add(name)
                     log.warning(
-                        "no price for %s: its events are stored unpriced; add it with "
-                        "[[pricing.prices]] (or [[pricing.deployments]] if self-hosted)",
+                        "no price for %s: no catalog knows it, so its events are stored "
+                        "unpriced; add it with [[pricing.prices]] (or "
+                        "[[pricing.deployments]] if self-hosted)",
                         name,
                     )
         tolerance = self.disagreement_tolerance
@@ -487,6 +657,33 @@ class PriceBook:
         ).height
         costs = out.select(COST_SCHEMA.names).to_arrow()
         return _append(rows, costs.cast(COST_SCHEMA)), stats
+
+
+MAX_TIERS = 3
+"""Tiers a segment carries (genai-prices has at most two per model today)."""
+NEVER = 1 << 62  # the threshold of a tier that does not exist
+MINUTES_PER_DAY = 24 * 60
+EARLIEST = datetime(1, 1, 1, tzinfo=UTC)
+CACHE_HIT = "cache_hit"
+
+_SEGMENT_SCHEMA: dict[str, Any] = {
+    "price_key": pl.String,
+    "slot_start": pl.Int32,
+    "seg_start": pl.Datetime("us", "UTC"),
+    "s_source": pl.String,
+    "s_catalog": pl.String,
+}
+for _t in range(MAX_TIERS):
+    _SEGMENT_SCHEMA[f"above{_t}"] = pl.Int64
+    _SEGMENT_SCHEMA[f"id{_t}"] = pl.String
+    for _m in ("input", "cached_input", "cache_write", "output"):
+        _SEGMENT_SCHEMA[f"l_{_m}{_t}"] = pl.Float64
+        _SEGMENT_SCHEMA[f"b_{_m}{_t}"] = pl.Float64
+_SEGMENT_SCHEMA_FRAME = pl.DataFrame(schema=_SEGMENT_SCHEMA)
+
+
+def _sha8(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:8]
 
 
 def _append(rows: pa.Table, costs: pa.Table) -> pa.Table:
@@ -503,47 +700,55 @@ def settle_self_hosted(
     deployments: Iterable[Deployment],
     *,
     until: datetime,
-    lookback: timedelta = timedelta(hours=48),
 ) -> int:
     """Price the completed hours of each deployment that end by ``until``; returns hours settled.
 
     An hour counts when the deployment served an event in it or reported a GPU
     sample for it (``gpu_samples.deployment``): that is when its GPUs were up.
     Each hour's cost (GPUs × GPU-hour price) goes to ``deployment_hours`` and is
-    spread over that hour's input and output tokens in ``usage_events``.
-    Idempotent: settling an hour again (late events) recomputes it. The caller
-    owns the transaction.
+    spread over that hour's input and output tokens in ``usage_events`` (response-
+    cache hits, served without the GPUs, cost 0). An hour is settled when it has
+    events not priced yet or GPU samples but no ``deployment_hours`` row, however
+    old: a backfill, a replay or a daemon catching up after days down is priced
+    like live traffic. Idempotent: settling an hour again (late events) recomputes
+    it. The caller owns the transaction.
     """
     end = until.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-    start = end - lookback
     now = datetime.now(UTC)
     settled = 0
     hour = utc_floor("ts", 3600)
     for d in deployments:
+        con.execute(
+            f"""
+            CREATE OR REPLACE TEMP TABLE settle_todo AS
+            SELECT DISTINCT {hour} AS hour FROM usage_events
+            WHERE deployment = $name AND ts < $end AND cost_usd IS NULL AND NOT cache_hit
+            UNION (
+                SELECT DISTINCT {hour} AS hour FROM gpu_samples
+                WHERE deployment = $name AND ts < $end
+                EXCEPT
+                SELECT hour FROM deployment_hours WHERE deployment = $name
+            )
+            """,
+            {"name": d.name, "end": end},
+        )
         rows = con.execute(
             f"""
-            WITH hours AS (
-                SELECT DISTINCT {hour} AS hour FROM usage_events
-                WHERE deployment = $name AND ts >= $start AND ts < $end
-                UNION
-                SELECT DISTINCT {hour} AS hour FROM gpu_samples
-                WHERE deployment = $name AND ts >= $start AND ts < $end
-            ),
-            served AS (
+            WITH served AS (
                 SELECT {hour} AS hour, count(*) AS requests,
                        sum(input_tokens + output_tokens) AS tokens
                 FROM usage_events
-                WHERE deployment = $name AND ts >= $start AND ts < $end
+                WHERE deployment = $name AND ts < $end AND NOT cache_hit
+                  AND {hour} IN (SELECT hour FROM settle_todo)
                 GROUP BY 1
             )
             INSERT OR REPLACE INTO deployment_hours
             SELECT $name, h.hour, $gpu_type, $gpus, $rate, $gpus * $rate,
                    coalesce(s.requests, 0), coalesce(s.tokens, 0), $now
-            FROM hours h LEFT JOIN served s USING (hour)
+            FROM settle_todo h LEFT JOIN served s USING (hour)
             """,
             {
                 "name": d.name,
-                "start": start,
                 "end": end,
                 "gpu_type": d.gpu_type,
                 "gpus": d.gpus,
@@ -563,14 +768,16 @@ def settle_self_hosted(
                 discount_rate = 0,
                 cost_usd = (e.input_tokens + e.output_tokens) * h.cost_usd / h.tokens,
                 price_source = '{SELF_HOSTED}',
-                price_id = '{SELF_HOSTED}/' || $name
+                price_id = '{SELF_HOSTED}/' || $name,
+                price_catalog = 'config'
             FROM deployment_hours h
-            WHERE e.deployment = $name AND h.deployment = $name
-              AND e.ts >= $start AND e.ts < $end
+            WHERE e.deployment = $name AND h.deployment = $name AND NOT e.cache_hit
+              AND e.ts < $end AND h.hour IN (SELECT hour FROM settle_todo)
               AND h.hour = {utc_floor("e.ts", 3600)} AND h.tokens > 0
             """,
-            {"name": d.name, "start": start, "end": end},
+            {"name": d.name, "end": end},
         )
+        con.execute("DROP TABLE settle_todo")
     return settled
 
 

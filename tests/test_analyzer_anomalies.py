@@ -22,7 +22,7 @@ import pytest
 
 from finopsd.analyzers.base import DAYS_PER_MONTH, Finding
 from finopsd.analyzers.runner import build, run_analyzers, stored_findings
-from finopsd.pricing import PriceBook, load_catalog
+from finopsd.pricing import PriceBook
 from finopsd.store import Store
 
 NOW = datetime(2026, 3, 30, tzinfo=UTC)  # the window is the 30 days (720 hours) before
@@ -31,7 +31,7 @@ HOURS = 720
 SIGMAS = 4.0
 MIN_EXCESS = 5.0
 MIN_DAYS = 7
-PRICES = PriceBook(load_catalog())
+PRICES = PriceBook.shipped()
 
 Spend = dict[tuple[str, str], dict[int, float]]
 """(tenant, model) to hourly spend by hour index from START."""

@@ -24,12 +24,12 @@ import pytest
 from finopsd.analyzers.base import DAYS_PER_MONTH
 from finopsd.analyzers.caching import Caching
 from finopsd.analyzers.runner import build, run_analyzers, stored_findings
-from finopsd.pricing import PriceBook, load_catalog
+from finopsd.pricing import PriceBook
 from finopsd.store import Store
 
 DATA = Path(__file__).absolute().parents[2] / "shared" / "data"
 MOONCAKE = DATA / "mooncake_synthetic_trace.jsonl"
-PRICES = PriceBook(load_catalog())
+PRICES = PriceBook.shipped()
 NOW = datetime(2026, 3, 30, tzinfo=UTC)
 T0 = datetime(2026, 3, 29, 20, 0, tzinfo=UTC)  # the hand-built traffic starts here
 GPT4O_IN, GPT4O_CACHED, GPT4O_BATCH = 2.50, 1.25, 0.5  # the catalog's current gpt-4o price

@@ -355,11 +355,7 @@ def test_saturated_deployment_suggests_a_quantised_variant(tmp_path: Path) -> No
 
 
 def settle(store: Store, prices: PriceBook) -> None:
-    store.write(
-        lambda con: settle_self_hosted(
-            con, prices.deployments.values(), until=NOW, lookback=timedelta(days=20)
-        )
-    )
+    store.write(lambda con: settle_self_hosted(con, prices.deployments.values(), until=NOW))
 
 
 def test_api_cheaper_than_a_half_idle_deployment(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from conftest import (
     wait_consumed,
 )
 
+from finopsd.catalog import GenaiCatalog, genai_prices_version
 from finopsd.config import ConfigError, load_settings
 from finopsd.events import UsageEvent
 from finopsd.ingest.decode import BatchDecoder
@@ -202,15 +203,208 @@ def test_a_period_total_across_a_price_change() -> None:
     assert math.isclose(total, want, rel_tol=1e-12)
 
 
-def test_model_names_resolve_to_catalog_entries() -> None:
-    """Dated names take the longest model they start with; no provider is fine if unambiguous."""
+def test_explicit_prices_match_their_exact_name_only() -> None:
+    """Config and CSV entries match by name (and ``provider/model``); never by prefix."""
     book = PriceBook([GPT, MINI, SONNET])
-    assert book.resolve("openai", "gpt-4o-2024-08-06", "gpt-4o") == "openai/gpt-4o"
-    assert book.resolve("openai", "gpt-4o-mini-2024-07-18", None) == "openai/gpt-4o-mini"
-    assert book.resolve("openai", None, "gpt-4o-mini") == "openai/gpt-4o-mini"
+    assert book.resolve("openai", "gpt-4o", "gpt-4o") == "openai/gpt-4o"
+    assert book.resolve("openai", None, "openai/gpt-4o-mini") == "openai/gpt-4o-mini"
     assert book.resolve(None, "claude-sonnet-4-5", None) == "anthropic/claude-sonnet-4-5"
+    assert book.resolve("openai", "gpt-4o-mini-2024-07-18", None) is None
     assert book.resolve("openai", "gpt-4omni", None) is None
     assert book.resolve("azure", "gpt-4o", None) is None  # another provider's price is not ours
+
+
+GENAI = GenaiCatalog()
+
+
+def test_catalog_resolves_dated_snapshots_by_the_providers_rules() -> None:
+    """genai-prices' matching: a dated snapshot is its model, not the longest prefix."""
+    book = PriceBook(genai=GENAI)
+    assert book.resolve("openai", "gpt-4o-2024-08-06", None) == "openai/gpt-4o"
+    assert book.resolve("openai", "gpt-4o-mini-2024-07-18", None) == "openai/gpt-4o-mini"
+    # a prefix match would bill these as o3 (1.8x) and gpt-5
+    assert book.resolve("openai", "o3-mini-2025-01-31", None) == "openai/o3-mini"
+    assert book.resolve(None, "gpt-5-pro", None) == "openai/gpt-5-pro"
+    assert book.resolve("anthropic", "claude-sonnet-4-5-20250929", None) == (
+        "anthropic/claude-sonnet-4-5"
+    )
+    assert book.resolve("openai", "gpt-4o-turbo-deluxe", None) is None
+    assert book.resolve("acme-gateway", "gpt-4o", None) is None  # unknown provider
+
+
+def test_o3_mini_is_billed_at_its_own_price() -> None:
+    """1,000,000 in + 100,000 out of o3-mini at $1.10 / $4.40: $1.54 (o3 would be $2.80)."""
+    book = PriceBook(genai=GENAI)
+    (row,) = priced(
+        book,
+        event(
+            1,
+            **{
+                "gen_ai.request.model": "o3-mini-2025-01-31",
+                "gen_ai.usage.input_tokens": 1_000_000,
+                "gen_ai.usage.output_tokens": 100_000,
+            },
+        ),
+    )
+    assert close(row["cost_usd"], 1.10 + 0.44)
+    assert row["price_source"] == "catalog" and row["price_id"] == "openai/o3-mini@list"
+    assert row["price_catalog"] == genai_prices_version()
+
+
+def test_long_context_tier_prices_all_tokens_at_the_higher_rate() -> None:
+    """claude-sonnet-4-5: $3/$15 up to 200k input tokens; above, $6/$22.50 for all of them."""
+    book = PriceBook(genai=GENAI)
+    sonnet = {"gen_ai.provider.name": "anthropic", "gen_ai.request.model": "claude-sonnet-4-5"}
+    short, long = priced(
+        book,
+        event(1, **sonnet, **{"gen_ai.usage.input_tokens": 200_000}),
+        event(2, **sonnet, **{"gen_ai.usage.input_tokens": 200_001}),
+    )
+    assert close(short["cost_usd"], 200_000 * 3 / 1e6 + 100 * 15 / 1e6)
+    assert close(long["cost_usd"], 200_001 * 6 / 1e6 + 100 * 22.5 / 1e6)
+    assert long["price_id"] == short["price_id"] + ">200000"
+    assert book.unit_prices(long["price_id"]).input == 6.0  # type: ignore[union-attr]
+
+
+def test_embeddings_are_priced() -> None:
+    book = PriceBook(genai=GENAI)
+    (row,) = priced(
+        book,
+        event(
+            1,
+            **{
+                "gen_ai.request.model": "text-embedding-3-small",
+                "gen_ai.usage.input_tokens": 1_000_000,
+                "gen_ai.usage.output_tokens": 0,
+            },
+        ),
+    )
+    assert close(row["cost_usd"], 0.02)
+
+
+def test_batch_traffic_is_billed_at_the_catalogs_batch_prices() -> None:
+    """After genai-prices' batch prices start, batch events cost what genai-prices says."""
+    from genai_prices import Usage, calc_price
+
+    book = PriceBook(genai=GENAI)
+    ts = datetime(2026, 11, 20, 12, tzinfo=UTC)
+    sonnet = {"gen_ai.provider.name": "anthropic", "gen_ai.request.model": "claude-sonnet-4-5"}
+    rows = priced(
+        book,
+        {**event(1, billing_mode="batch", **sonnet), "ts": ts.isoformat()},
+        {
+            **event(2, billing_mode="batch", **sonnet, **{"gen_ai.usage.input_tokens": 300_000}),
+            "ts": ts.isoformat(),
+        },
+        {**event(3, **sonnet), "ts": ts.isoformat()},
+    )
+    for row, tokens, context in [
+        (rows[0], 1000, {"processing": "batch"}),
+        (rows[1], 300_000, {"processing": "batch"}),
+        (rows[2], 1000, None),
+    ]:
+        want = calc_price(
+            Usage(input_tokens=tokens, output_tokens=100),
+            "claude-sonnet-4-5",
+            provider_id="anthropic",
+            genai_request_timestamp=ts,
+            price_context=context,  # type: ignore[arg-type]
+        )
+        assert close(row["cost_usd"], float(want.total_price))
+    assert close(rows[0]["discount_rate"], 0.5)
+    assert close(rows[0]["list_cost_usd"], rows[2]["list_cost_usd"])
+
+
+def test_batch_before_the_catalogs_batch_prices_takes_the_providers_discount() -> None:
+    """OpenAI's Batch API took 50 % off from 2024-04-15 (finopsd/data/batch_discounts.csv)."""
+    book = PriceBook(genai=GENAI)
+    on = datetime(2025, 6, 1, 12, tzinfo=UTC)
+    before = datetime(2024, 3, 1, 12, tzinfo=UTC)
+    batch, standard, early = priced(
+        book,
+        {**event(1, billing_mode="batch"), "ts": on.isoformat()},
+        {**event(2), "ts": on.isoformat()},
+        {**event(3, billing_mode="batch"), "ts": before.isoformat()},
+    )
+    assert close(batch["cost_usd"], standard["cost_usd"] * 0.5)
+    assert close(early["discount_rate"], 0.0)  # no batch API yet: list price
+
+
+def test_a_response_cache_hit_costs_nothing_but_keeps_its_price() -> None:
+    book = PriceBook(genai=GENAI)
+    rows = rows_of(event(1), event(2))
+    rows = rows.append_column("cache_hit", pa.array([True, False]))
+    hit, miss = book.price(rows)[0].to_pylist()
+    assert hit["cost_usd"] == 0 and hit["list_cost_usd"] == 0
+    assert hit["price_source"] == "cache_hit" and hit["price_id"] == miss["price_id"]
+    assert miss["cost_usd"] > 0 and miss["price_source"] == "catalog"
+
+
+def test_off_peak_prices_follow_the_utc_time_of_day() -> None:
+    """deepseek-chat: standard 00:30-16:30 UTC, the off-peak price outside it."""
+    book = PriceBook(genai=GENAI)
+    key = book.resolve("deepseek", "deepseek-chat", None)
+    assert key is not None
+    pricing = book.pricing(key)
+    assert pricing is not None
+    day = datetime(2026, 3, 2, tzinfo=UTC)
+    peak = pricing.rule_at(day.replace(hour=10))
+    off = pricing.rule_at(day.replace(hour=20))
+    assert peak is not None and off is not None and peak != off
+    deepseek = {"gen_ai.provider.name": "deepseek", "gen_ai.request.model": "deepseek-chat"}
+    a, b = priced(
+        book,
+        {**event(1, **deepseek), "ts": day.replace(hour=10).isoformat()},
+        {**event(2, **deepseek), "ts": day.replace(hour=20).isoformat()},
+    )
+    assert close(a["input_cost_usd"], 1000 * peak.tiers[0].list.input / 1e6)
+    assert close(b["input_cost_usd"], 1000 * off.tiers[0].list.input / 1e6)
+    assert a["price_id"] != b["price_id"]
+
+
+def test_prices_follow_the_events_time_in_the_catalog() -> None:
+    """Each event gets the price genai-prices itself computes at its ts (tiers, dates, time)."""
+    from genai_prices import Usage, calc_price
+
+    book = PriceBook(genai=GENAI)
+    models = [
+        ("openai", "gpt-4o"),
+        ("openai", "o3-mini"),
+        ("anthropic", "claude-sonnet-4-5"),
+        ("anthropic", "claude-opus-4-1"),
+        ("google", "gemini-2.5-pro"),
+        ("deepseek", "deepseek-chat"),
+    ]
+    events = []
+    for i, (provider, model) in enumerate(models * 20):
+        ts = datetime(2024, 1, 1, tzinfo=UTC) + timedelta(hours=97 * i + i % 24)
+        events.append(
+            {
+                **event(
+                    i,
+                    **{
+                        "gen_ai.provider.name": provider,
+                        "gen_ai.request.model": model,
+                        "gen_ai.usage.input_tokens": 1000 + 23_000 * i,
+                        "gen_ai.usage.output_tokens": 500,
+                        "gen_ai.usage.cache_read.input_tokens": 100,
+                    },
+                ),
+                "ts": ts.isoformat(),
+            }
+        )
+    rows = priced(book, *events)
+    for e, row in zip(events, rows, strict=True):
+        usage = Usage(
+            input_tokens=e["gen_ai.usage.input_tokens"], output_tokens=500, cache_read_tokens=100
+        )
+        want = calc_price(
+            usage,
+            e["gen_ai.request.model"],
+            provider_id=e["gen_ai.provider.name"],
+            genai_request_timestamp=datetime.fromisoformat(e["ts"]),
+        )
+        assert close(row["cost_usd"], float(want.total_price)), (e, row)
 
 
 def test_unpriced_events_are_counted_not_dropped() -> None:
@@ -250,14 +444,14 @@ def test_cost_columns_have_the_documented_schema() -> None:
 
 
 def test_shipped_catalog_prices_the_load_generators_api_models() -> None:
-    book = PriceBook(load_catalog())
-    for provider, model in [
-        ("openai", "gpt-4o"),
-        ("openai", "gpt-4o-mini"),
-        ("anthropic", "claude-sonnet-4-5"),
-        ("anthropic", "claude-haiku-4-5"),
-    ]:
-        assert book.resolve(provider, model, model) == f"{provider}/{model}"
+    from finopsd.ingest.loadgen import APPS
+
+    book = PriceBook.from_settings(load_settings(None, {}).pricing)
+    api = {(p, m) for app in APPS for p, m, _w in app.models if p != "vllm"}
+    assert len(api) >= 3
+    for provider, model in sorted(api):
+        key = book.resolve(provider, model, model)
+        assert key is not None and book.price_at(key, date(2026, 3, 2)) is not None, model
 
 
 def test_config_overrides_the_catalog(tmp_path: Path) -> None:
@@ -422,6 +616,29 @@ def test_late_events_reprice_a_settled_hour(tmp_path: Path) -> None:
         assert all(close(c, 2.0) for c in both)
         total = store.cursor().execute("SELECT sum(cost_usd) FROM deployment_hours").fetchone()
         assert total == (4.0,)
+
+
+def test_hours_older_than_any_lookback_are_priced_once_their_events_arrive(
+    tmp_path: Path,
+) -> None:
+    """A replay of last week: events ten days old are priced at the next settle, not never."""
+    book = PriceBook([], [LLAMA])
+    old = T0 - timedelta(days=10)
+    with Store(tmp_path / "s.duckdb") as store:
+        _store_with(store, book, _self_hosted(1, T0 + timedelta(minutes=1), 3_000, 1_000))
+        store.write(lambda con: settle_self_hosted(con, [LLAMA], until=T0 + 2 * WINDOW))
+        _store_with(
+            store,
+            book,
+            _self_hosted(2, old + timedelta(minutes=10), 1_000, 1_000),
+            _self_hosted(3, old + timedelta(minutes=20), 1_000, 1_000),
+        )
+        settled = store.write(lambda con: settle_self_hosted(con, [LLAMA], until=T0 + 2 * WINDOW))
+        assert settled == 1  # the old hour only: the settled one has nothing new
+        rows = store.cursor().execute("SELECT event_id, cost_usd FROM usage_events").fetchall()
+        costs = dict(rows)
+        assert close(costs["e2"], 2.0) and close(costs["e3"], 2.0)  # $4 hour over 4,000 tokens
+        assert close(costs["e1"], 4.0)
 
 
 def test_stats_reports_spend(tmp_path: Path) -> None:
