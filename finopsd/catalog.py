@@ -324,6 +324,19 @@ def _utc_time(value: time) -> time:
     return datetime.combine(date(1970, 1, 1), value).astimezone(UTC).time()
 
 
+OTEL_PROVIDERS = {
+    # OpenTelemetry GenAI `gen_ai.provider.name` values genai-prices spells otherwise
+    "x_ai": "x-ai",
+    "gcp.gen_ai": "google",
+    "gcp.gemini": "google",
+    "gcp.vertex_ai": "google",
+    "aws.bedrock": "aws",
+    "azure.ai.openai": "azure",
+    "azure.ai.inference": "azure",
+    "mistral_ai": "mistral",
+}
+
+
 class GenaiCatalog:
     """Resolves model names with genai-prices' bundled data; compiles and caches rules.
 
@@ -345,10 +358,12 @@ class GenaiCatalog:
         if memo in self._found:
             return self._found[memo]
         key: str | None = None
-        try:
-            p, m = self._snapshot.find_provider_model(model, None, provider, None)
-        except LookupError:
-            p = m = None
+        provider_id = OTEL_PROVIDERS.get(provider, provider) if provider else None
+        p, m = self._lookup(provider_id, model)
+        if m is None and "/" in model:  # "openai/gpt-4o", "anthropic/claude-..." as gateways write
+            prefix, rest = model.split("/", 1)
+            if provider_id is None or OTEL_PROVIDERS.get(prefix, prefix) == provider_id:
+                p, m = self._lookup(OTEL_PROVIDERS.get(prefix, prefix), rest)
         if p is not None and m is not None:
             key = f"{p.id}/{m.id}"
             if key not in self._compiled:
@@ -358,6 +373,12 @@ class GenaiCatalog:
                 key = None  # it prices no tokens (e.g. per-image or per-second only)
         self._found[memo] = key
         return key
+
+    def _lookup(self, provider_id: str | None, model: str) -> tuple[Any, Any]:
+        try:
+            return self._snapshot.find_provider_model(model, None, provider_id, None)
+        except LookupError:
+            return None, None
 
     def pricing(self, key: str) -> ModelPricing | None:
         """The compiled rules of ``provider_id/model_id`` (as ``find`` returns it)."""

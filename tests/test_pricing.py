@@ -232,6 +232,21 @@ def test_catalog_resolves_dated_snapshots_by_the_providers_rules() -> None:
     assert book.resolve("acme-gateway", "gpt-4o", None) is None  # unknown provider
 
 
+def test_otel_provider_names_and_gateway_prefixes_resolve() -> None:
+    """OpenTelemetry's provider names and ``provider/model`` names reach the right price."""
+    book = PriceBook(genai=GENAI)
+    assert book.resolve("x_ai", "grok-4", None) is not None
+    assert book.resolve("gcp.vertex_ai", "gemini-2.5-pro", None) == "google/gemini-2.5-pro"
+    assert book.resolve("azure.ai.openai", "gpt-4o", None) == "azure/gpt-4o"
+    assert book.resolve("openai", "openai/gpt-4o", None) == "openai/gpt-4o"
+    assert book.resolve(None, "anthropic/claude-sonnet-4-5", None) == (
+        "anthropic/claude-sonnet-4-5"
+    )
+    # a prefix naming another provider is not this provider's model
+    assert book.resolve("openai", "anthropic/claude-sonnet-4-5", None) is None
+    assert book.resolve("vllm", "meta-llama/Llama-3.1-8B-Instruct", None) is None
+
+
 def test_o3_mini_is_billed_at_its_own_price() -> None:
     """1,000,000 in + 100,000 out of o3-mini at $1.10 / $4.40: $1.54 (o3 would be $2.80)."""
     book = PriceBook(genai=GENAI)
