@@ -334,6 +334,11 @@ OTEL_PROVIDERS = {
     "azure.ai.openai": "azure",
     "azure.ai.inference": "azure",
     "mistral_ai": "mistral",
+    # LiteLLM's provider routes genai-prices does not know by that name
+    "fireworks_ai": "fireworks",
+    "azure_ai": "azure",
+    "codestral": "mistral",
+    "meta_llama": "meta",
 }
 
 
