@@ -432,6 +432,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_export_focus(args: argparse.Namespace) -> int:
     """``export focus``: write a FOCUS 1.2 file of [--from, --to); see ``finopsd.reports.focus``."""
+    from finopsd.pricing import PriceBook
     from finopsd.reports import focus
     from finopsd.store import Store, StoreError
 
@@ -462,7 +463,13 @@ def cmd_export_focus(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return 1
-            table = focus.focus_table(store, start, end, billing_account=args.billing_account)
+            table = focus.focus_table(
+                store,
+                start,
+                end,
+                prices=PriceBook.from_settings(settings.pricing),
+                billing_account=args.billing_account,
+            )
             summary = focus.skipped_events(store, start, end)
     except StoreError as exc:
         msg = str(exc)
@@ -484,6 +491,7 @@ def cmd_export_focus(args: argparse.Namespace) -> int:
         print(f"finopsd: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     billed = focus.column_total(table, "BilledCost")
+    derived = focus.derived_unit_prices(table)
     out = {
         "output": output,
         "format": args.format,
@@ -494,6 +502,7 @@ def cmd_export_focus(args: argparse.Namespace) -> int:
         "billed_cost_usd": billed,
         "list_cost_usd": focus.column_total(table, "ListCost"),
         **summary.as_dict(),
+        "derived_unit_prices": derived,
     }
     if args.json:
         print(json.dumps(out), file=sys.stderr if to_stdout else sys.stdout)
@@ -516,6 +525,17 @@ def cmd_export_focus(args: argparse.Namespace) -> int:
         lines.append(
             f"left out {summary.unsettled_events:,} self-hosted events whose hour is not "
             f"settled yet: {deps}"
+        )
+    if summary.cache_hit_events:
+        lines.append(
+            f"left out {summary.cache_hit_events:,} events answered from a gateway's response "
+            "cache (no provider bills them)"
+        )
+    if derived:
+        ids = ", ".join(f"{p} ({n:,} rows)" for p, n in derived.items())
+        lines.append(
+            f"unit prices derived from the stored cost (x_PriceDetails says why) for: {ids}; "
+            "'finopsd prices reprice' prices the events again with the current price book"
         )
     for line in lines:
         print(f"finopsd: {line}", file=sys.stderr)

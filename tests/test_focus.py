@@ -17,15 +17,17 @@ import subprocess
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import Topics, clean_env, write_config
 
+from finopsd.pricing import Price, PriceBook
 from finopsd.reports import focus
 from finopsd.store import Store
 
@@ -69,6 +71,8 @@ FOCUS_1_2_CONDITIONAL_THAT_APPLY = {
     "ResourceType",  # same, "and supports assigning a type for resources"
     "SkuId",  # "when the provider publishes a SKU list"
     "SkuMeter",  # "when the provider includes a SkuId"
+    "SkuPriceDetails",  # "when the provider supports unit pricing concepts and publishes
+    # price lists, publicly or as part of contracting"
     "SkuPriceId",  # "when the provider ... publishes price lists"
     "SubAccountId",  # "when the provider supports a sub account construct" (tenant)
     "SubAccountName",  # same
@@ -78,6 +82,7 @@ FOCUS_1_2_CONDITIONAL_THAT_APPLY = {
 FOCUS_1_2_RECOMMENDED_EMITTED = {
     # FOCUS 1.2, section "Columns", "Feature level: Recommended", that the export fills
     "ChargeFrequency",
+    "InvoiceId",
     "ServiceSubcategory",
 }
 
@@ -125,6 +130,19 @@ FOCUS_1_2_ALL = FOCUS_1_2_MANDATORY | {
 FOCUS_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
 # FOCUS 1.2 attribute "Numeric Format": integer or decimal, no exponent, no plus sign
 FOCUS_NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+# a Decimal column written so that a reader inferring types sees a decimal
+FOCUS_DECIMAL = re.compile(r"^-?\d+\.\d+$")
+DECIMAL_COLUMNS = [
+    # FOCUS 1.2, section "Columns": "Data type: Decimal", of the columns the export has
+    "BilledCost",
+    "ConsumedQuantity",
+    "ContractedCost",
+    "ContractedUnitPrice",
+    "EffectiveCost",
+    "ListCost",
+    "ListUnitPrice",
+    "PricingQuantity",
+]
 
 # -- the store -------------------------------------------------------------------------------
 
@@ -139,6 +157,31 @@ PRICES = {
     "anthropic/claude-sonnet-4-5@2025-09-29": ((3.00, 0.30, 3.75, 15.00), 0.5),
 }
 SELF_HOSTED_TOKEN_USD = 2.0 / 1000  # llama-8b, hour H0: 2 USD over 1,000 tokens
+
+
+def price_book(prices: dict[str, tuple[tuple[float, ...], float]] = PRICES) -> PriceBook:
+    """A real PriceBook holding ``prices`` (as config entries would), nothing else."""
+    entries = []
+    for price_id, ((p_in, p_cached, p_write, p_out), discount) in prices.items():
+        key, _, day = price_id.partition("@")
+        provider, _, model = key.partition("/")
+        entries.append(
+            Price(
+                provider,
+                model,
+                date.fromisoformat(day),
+                p_in,
+                p_out,
+                p_cached,
+                p_write,
+                discount,
+                source="config",
+            )
+        )
+    return PriceBook(entries)
+
+
+BOOK = price_book()
 
 
 def _event(
@@ -159,6 +202,7 @@ def _event(
     self_hosted_settled: bool = True,
     gateway: float | None = None,
     response_model: str | None = None,
+    cache_hit: bool = False,
 ) -> dict[str, Any]:
     """One usage_events row, its costs worked out as the pricing contract says."""
     row: dict[str, Any] = {
@@ -181,6 +225,7 @@ def _event(
         "deployment": deployment,
         "gateway_cost_usd": gateway,
         "price_id": price_id,
+        "cache_hit": cache_hit,
     }
     costs: dict[str, Any] = dict.fromkeys(
         [
@@ -217,6 +262,9 @@ def _event(
         )
     else:
         row["price_source"] = None
+    if cache_hit:  # the gateway answered: the price is kept, the costs are 0
+        row["price_source"] = "cache_hit"
+        costs.update((k, 0.0) for k in costs)
     if costs["discount_rate"] is not None:
         costs["list_cost_usd"] = sum(
             costs[k]
@@ -300,6 +348,8 @@ EVENTS = [
         gateway=0.02,
     ),
     _event("e6", H2 + timedelta(minutes=3), **GPT, inp=100, out=50, tenant="acme", gateway=0.001),
+    # answered from the gateway's response cache: no provider bills it; left out, counted
+    _event("e12", H1 + timedelta(minutes=7), **GPT, inp=700, out=70, tenant="acme", cache_hit=True),
     # self-hosted, settled: every input token (cached ones too) at the hour's token cost
     _event(
         "e7",
@@ -376,6 +426,7 @@ USAGE_SCHEMA = pa.schema(
         ("cost_usd", pa.float64()),
         ("price_source", pa.string()),
         ("price_id", pa.string()),
+        ("cache_hit", pa.bool_()),
     ]
 )
 
@@ -403,14 +454,18 @@ def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def table(store_path: Path) -> pa.Table:
     with Store(store_path, read_only=True) as store:
-        return focus.focus_table(store, START, END, billing_account="acme-corp")
+        return focus.focus_table(store, START, END, prices=BOOK, billing_account="acme-corp")
 
 
 # -- expected values, from the inserted rows -------------------------------------------------
 
 
 def _exported_events() -> list[dict[str, Any]]:
-    return [e for e in EVENTS if START <= e["ts"] < END and e["cost_usd"] is not None]
+    return [
+        e
+        for e in EVENTS
+        if START <= e["ts"] < END and e["cost_usd"] is not None and not e["cache_hit"]
+    ]
 
 
 def expected_by_meter() -> dict[str, dict[str, float]]:
@@ -491,6 +546,7 @@ def test_columns_are_focus_1_2_columns(table: pa.Table) -> None:
         "x_BillingMode",
         "x_GatewayCost",
         "x_Model",
+        "x_PriceDetails",
         "x_PriceId",
         "x_PriceSource",
         "x_Requests",
@@ -605,6 +661,149 @@ def test_row_values(table: pa.Table) -> None:
     assert not any(r["ResourceId"] == "qwen-7b" for r in rows)  # not settled
 
 
+METER_PRICE_INDEX = {
+    "input tokens": 0,
+    "cached-input tokens": 1,
+    "cache-write tokens": 2,
+    "output tokens": 3,
+}
+
+
+def test_unit_prices_are_the_prices_not_cost_divided_by_quantity(table: pa.Table) -> None:
+    rows = table.to_pylist()
+    noisy = 0
+    for r in rows:
+        assert r["ContractedUnitPrice"] == r["ListUnitPrice"]  # no negotiated prices
+        assert math.isclose(r["ListUnitPrice"] * r["PricingQuantity"], r["ListCost"], rel_tol=1e-9)
+        if r["x_PriceSource"] == "self_hosted":
+            continue
+        (prices, _discount) = PRICES[r["x_PriceId"]]
+        published = prices[METER_PRICE_INDEX[r["SkuMeter"]]]
+        assert r["ListUnitPrice"] == published, r  # exactly, batch rows too
+        assert r["x_PriceDetails"].startswith("USD per million tokens: input "), r
+        noisy += r["ListCost"] / r["PricingQuantity"] != published
+    # dividing the cost does not give the published price back on every row
+    assert noisy > 0
+    # self-hosted tokens: hour H0's 2 USD over the 1,000 tokens served, per million tokens
+    tokens = [
+        r for r in rows if r["x_PriceSource"] == "self_hosted" and r["ConsumedUnit"] == "Tokens"
+    ]
+    assert {r["ListUnitPrice"] for r in tokens} == {2.0 * 1e6 / 1000}
+    assert all("over the 1000 tokens it served" in r["x_PriceDetails"] for r in tokens)
+    # idle rows: the GPU-hour at its rate
+    idle = [r for r in rows if r["SkuMeter"] == focus.IDLE_METER]
+    assert [r["ListUnitPrice"] for r in idle] == [h[4] for h in IDLE_IN_PERIOD]
+    assert focus.derived_unit_prices(table) == {}
+
+
+def test_a_price_the_book_lacks_or_has_changed_is_derived_and_says_why(store_path: Path) -> None:
+    # gpt-4o's input price is not what the events were priced at; claude is not in the book
+    book = price_book({"openai/gpt-4o@2024-10-02": ((3.0, 1.25, 2.5, 10.0), 0.5)})
+    with Store(store_path, read_only=True) as store:
+        rows = focus.focus_table(store, START, END, prices=book).to_pylist()
+    claude = [r for r in rows if r["SkuId"] == "anthropic/claude-sonnet-4-5"]
+    gpt_input = [r for r in rows if r["SkuPriceId"] == "openai/gpt-4o/input"]
+    gpt_other = [r for r in rows if r["SkuId"] == "openai/gpt-4o" and r not in gpt_input]
+    assert claude and gpt_input and gpt_other
+    for r in claude:
+        assert r["x_PriceDetails"] == (
+            "derived from the stored cost: the price book has no price "
+            "anthropic/claude-sonnet-4-5@2025-09-29"
+        )
+    for r in gpt_input:
+        assert r["x_PriceDetails"] == (
+            "derived from the stored cost: the price book's 3 USD per 1000000 Tokens for "
+            "openai/gpt-4o@2024-10-02 input tokens is not what its events were costed at"
+        )
+    for r in claude + gpt_input:
+        # ListCost / PricingQuantity to 12 significant digits: the price the events had
+        (prices, _discount) = PRICES[r["x_PriceId"]]
+        assert r["ListUnitPrice"] == prices[METER_PRICE_INDEX[r["SkuMeter"]]]
+        assert r["ContractedUnitPrice"] == r["ListUnitPrice"]
+    for r in gpt_other:  # output and cached input still match: the book's prices
+        assert not r["x_PriceDetails"].startswith("derived")
+    table = pa.Table.from_pylist(rows, schema=focus.SCHEMA)
+    assert focus.derived_unit_prices(table) == {
+        "anthropic/claude-sonnet-4-5@2025-09-29": len(claude),
+        "openai/gpt-4o@2024-10-02": len(gpt_input),
+    }
+
+
+ISSUER_SLUGS = {"OpenAI": "openai", "Anthropic": "anthropic", "Self-hosted": "self-hosted"}
+
+
+def test_invoice_ids_are_one_per_account_issuer_and_month(store_path: Path) -> None:
+    with Store(store_path, read_only=True) as store:
+        whole = focus.focus_table(store, START, END, prices=BOOK, billing_account="acme-corp")
+        april = focus.focus_table(store, H2, END, prices=BOOK, billing_account="acme-corp")
+        other = focus.focus_table(store, START, END, prices=BOOK, billing_account="initech")
+    rows = whole.to_pylist()
+    for r in rows:
+        month = r["BillingPeriodStart"].strftime("%Y-%m")
+        assert r["InvoiceId"] == f"acme-corp:{ISSUER_SLUGS[r['InvoiceIssuerName']]}:{month}"
+    assert {r["InvoiceId"] for r in rows} == {
+        "acme-corp:openai:2025-03",
+        "acme-corp:anthropic:2025-03",
+        "acme-corp:self-hosted:2025-03",
+        "acme-corp:openai:2025-04",
+        "acme-corp:self-hosted:2025-04",
+    }
+    # stable: another export that holds the same charges gives them the same ids
+    april_ids = [(r["SkuPriceId"], r["InvoiceId"]) for r in april.to_pylist()]
+    assert april_ids == [
+        (r["SkuPriceId"], r["InvoiceId"]) for r in rows if r["ChargePeriodStart"] >= H2
+    ]
+    # the billing account is part of it
+    assert {r["InvoiceId"].split(":", 1)[0] for r in other.to_pylist()} == {"initech"}
+
+
+def test_invoice_id_issuer_slug() -> None:
+    con = duckdb.connect()
+    sql = focus._invoice_id_sql("$issuer", "TIMESTAMP '2025-04-03 05:00:00'")
+    for issuer, want in [
+        ("Amazon Web Services", "a:b:amazon-web-services:2025-04"),
+        ("  Mistral AI ", "a:b:mistral-ai:2025-04"),
+        ("x.AI/Grok", "a:b:x-ai-grok:2025-04"),
+    ]:
+        row = con.execute(f"SELECT {sql}", {"account": "a:b", "issuer": issuer}).fetchone()
+        assert row == (want,)
+
+
+def test_sku_price_details(table: pa.Table) -> None:
+    rows = table.to_pylist()
+    by_price: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        assert (r["SkuPriceDetails"] is None) == (r["SkuPriceId"] is None)
+        by_price[r["SkuPriceId"]].add(r["SkuPriceDetails"])
+        details = json.loads(r["SkuPriceDetails"])
+        # FOCUS Key-Value Format: an object of scalars; keys FOCUS-defined or x_
+        assert isinstance(details, dict) and details
+        for key, value in details.items():
+            assert key.startswith("x_") and key[2:3].isupper(), key
+            assert isinstance(value, str | int | float | bool) or value is None
+        # no amounts and no dates: what stays the same for the SkuPriceId over time
+        assert not any(isinstance(v, int | float) for v in details.values())
+        assert r["x_PriceId"].split("@")[-1] not in r["SkuPriceDetails"]
+    # one SkuPriceDetails per SkuPriceId
+    assert all(len(v) == 1 for v in by_price.values()), by_price
+    got = {k: json.loads(v.pop()) for k, v in by_price.items()}
+    assert got["openai/gpt-4o/cached-input"] == {
+        "x_TokenType": "cached input",
+        "x_PricingBasis": "price list",
+    }
+    assert got["anthropic/claude-sonnet-4-5/cache-write"] == {
+        "x_TokenType": "cache write",
+        "x_PricingBasis": "price list",
+    }
+    assert got["self_hosted/llama-8b/output"] == {
+        "x_TokenType": "output",
+        "x_PricingBasis": "deployment GPU-hours",
+    }
+    assert got["self_hosted/llama-8b/gpu-hours-idle"] == {
+        "x_PricingBasis": "deployment GPU-hours (idle)"
+    }
+
+
 def test_skipped_events_are_counted(store_path: Path) -> None:
     with Store(store_path, read_only=True) as store:
         skipped = focus.skipped_events(store, START, END)
@@ -615,13 +814,16 @@ def test_skipped_events_are_counted(store_path: Path) -> None:
     assert skipped.unpriced_models == {"mistral_ai/mystery-1": 1}
     assert skipped.unsettled_events == 1
     assert skipped.unsettled_deployments == {"qwen-7b": 1}
+    assert skipped.cache_hit_events == 1
     assert skipped.idle_hours == len(IDLE_IN_PERIOD)
     assert skipped.idle_cost_usd == pytest.approx(sum(h[5] for h in IDLE_IN_PERIOD))
 
 
 def test_an_empty_period_has_no_rows(store_path: Path) -> None:
     with Store(store_path, read_only=True) as store:
-        empty = focus.focus_table(store, END + timedelta(days=1), END + timedelta(days=2))
+        empty = focus.focus_table(
+            store, END + timedelta(days=1), END + timedelta(days=2), prices=BOOK
+        )
     assert empty.num_rows == 0
     assert empty.schema == focus.SCHEMA
 
@@ -662,7 +864,30 @@ def test_decimal_text_never_uses_an_exponent() -> None:
 def config(tmp_path: Path, store_path: Path) -> Path:
     # no broker is needed: the Kafka settings only have to be valid
     topics = Topics("127.0.0.1:9", "usage.focus", "gpu.focus", "dlq.focus", "group.focus")
-    return write_config(tmp_path / "finopsd.toml", topics, store_path)
+    return with_prices(write_config(tmp_path / "finopsd.toml", topics, store_path))
+
+
+def with_prices(config: Path) -> Path:
+    """``config`` with PRICES as [[pricing.prices]] entries, the prices BOOK holds."""
+    entries = []
+    for price_id, ((p_in, p_cached, p_write, p_out), discount) in PRICES.items():
+        key, _, day = price_id.partition("@")
+        provider, _, model = key.partition("/")
+        entries.append(
+            f'''
+[[pricing.prices]]
+provider = "{provider}"
+model = "{model}"
+effective_from = {day}
+input_per_mtok = {p_in}
+cached_input_per_mtok = {p_cached}
+cache_write_per_mtok = {p_write}
+output_per_mtok = {p_out}
+batch_discount = {discount}
+'''
+        )
+    config.write_text(config.read_text() + "".join(entries))
+    return config
 
 
 def run_export(config: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -689,6 +914,8 @@ def test_cli_csv(config: Path, tmp_path: Path) -> None:
     assert summary["output"] == out.name and out.exists()
     assert summary["unpriced"] == {"events": 1, "models": {"mistral_ai/mystery-1": 1}}
     assert summary["unsettled"]["events"] == 1
+    assert summary["cache_hits"] == {"events": 1}
+    assert summary["derived_unit_prices"] == {}  # the config's prices are the events' prices
     text = out.read_text(encoding="utf-8")
     rows = list(_read_csv(text))
     assert list(rows[0]) == list(focus.COLUMNS)
@@ -698,8 +925,10 @@ def test_cli_csv(config: Path, tmp_path: Path) -> None:
         for name in ("ChargePeriodStart", "ChargePeriodEnd", "BillingPeriodStart"):
             assert FOCUS_DATETIME.match(r[name]), r[name]
             assert r[name].endswith(":00:00Z")
-        for name in ("BilledCost", "ListCost", "ListUnitPrice", "PricingQuantity"):
+        for name in DECIMAL_COLUMNS:
             assert FOCUS_NUMBER.match(r[name]), (name, r[name])
+            assert FOCUS_DECIMAL.match(r[name]), (name, r[name])  # 1000.0, never 1000
+        assert FOCUS_NUMBER.match(r["x_Requests"]) and "." not in r["x_Requests"]  # an integer
         assert r["ChargeClass"] == ""  # null
     quoted = [r for r in rows if r["Tags"] and "short" in r["Tags"]]
     assert quoted and json.loads(quoted[0]["Tags"])["feature"] == 'summarise, "short"'
@@ -732,6 +961,8 @@ def test_cli_parquet(config: Path, tmp_path: Path, table: pa.Table) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "left out 1 unpriced events: mistral_ai/mystery-1 (1)" in done.stderr
+    assert "left out 1 events answered from a gateway's response cache" in done.stderr
+    assert "derived" not in done.stderr
     back = pq.read_table(out)
     assert back.column_names == list(focus.COLUMNS)
     assert back.schema.field("ChargePeriodStart").type == pa.timestamp("us", tz="UTC")
@@ -788,7 +1019,7 @@ def test_cli_parquet_to_stdout_exits_2(config: Path, tmp_path: Path) -> None:
 def test_cli_store_held_by_a_daemon_exits_1(tmp_path: Path) -> None:
     store_path = build_store(tmp_path / "held.duckdb")
     topics = Topics("127.0.0.1:9", "u", "g", "d", "grp")
-    config = write_config(tmp_path / "held.toml", topics, store_path)
+    config = with_prices(write_config(tmp_path / "held.toml", topics, store_path))
     with Store(store_path):  # this process holds the file, as a running daemon would
         done = run_export(
             config, "--from", "2025-03-31", "--to", "2025-04-01", "--format", "csv", cwd=tmp_path
@@ -796,3 +1027,25 @@ def test_cli_store_held_by_a_daemon_exits_1(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "held by a running finopsd" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_cli_names_unit_prices_derived_from_the_cost(store_path: Path, tmp_path: Path) -> None:
+    # no [[pricing.prices]]: the shipped catalogs have no price with the events' ids
+    topics = Topics("127.0.0.1:9", "u", "g", "d", "grp")
+    config = write_config(tmp_path / "bare.toml", topics, store_path)
+    period = ("--from", "2025-03-31T22:00:00Z", "--to", "2025-04-01T01:00:00Z")
+    done = run_export(config, *period, "--format", "csv", "-o", "out.csv", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (
+        "unit prices derived from the stored cost (x_PriceDetails says why) for: "
+        "anthropic/claude-sonnet-4-5@2025-09-29 (" in done.stderr
+    )
+    assert "openai/gpt-4o@2024-10-02 (" in done.stderr
+    rows = list(_read_csv((tmp_path / "out.csv").read_text(encoding="utf-8")))
+    api = [r for r in rows if r["x_PriceSource"] != "self_hosted"]
+    assert api and all(
+        r["x_PriceDetails"].startswith("derived from the stored cost: ") for r in api
+    )
+    for r in api:  # to 12 significant digits: the prices the events were costed at
+        (prices, _discount) = PRICES[r["x_PriceId"]]
+        assert float(r["ListUnitPrice"]) == prices[METER_PRICE_INDEX[r["SkuMeter"]]]

@@ -21,19 +21,54 @@ Costs per row: ``ListCost`` is the meter's list cost, ``BilledCost`` =
 ``EffectiveCost`` = ListCost × (1 − discount_rate) (the provider's batch
 discount; finopsd knows no commitments or negotiated prices, so
 ``ContractedCost`` = ``ListCost``). ``PricingUnit`` is "1000000 Tokens" (FOCUS
-Unit Format: a unit quantity is a plain integer), so ``ListUnitPrice`` is USD
-per million tokens and ``ListUnitPrice × PricingQuantity = ListCost``.
+Unit Format: a unit quantity is a plain integer), so ``PricingQuantity`` is
+tokens / 1,000,000 and ``ListUnitPrice`` USD per million tokens.
+
+Unit prices (``ListUnitPrice`` = ``ContractedUnitPrice``, no negotiated prices
+being known) come from the price, not from dividing the cost: a row priced from
+a price list (catalog or config) takes the meter's price of
+``PriceBook.unit_prices(x_PriceId)`` — as published, e.g. 2.5 — and its
+``x_PriceDetails`` is that price's ``details`` (every meter's price, the
+catalog, where it is published). A self-hosted row's tokens carry the hour's
+GPU cost spread over the tokens served (FOCUS wants a unit price on every usage
+row; no price list has one): ``deployment_hours.cost_usd × 10⁶ / tokens`` of its
+deployment and hour, the figure pricing divided by; an idle row's unit is the
+GPU-hour at its rate. Either way ``ListUnitPrice × PricingQuantity = ListCost``
+within rounding (``unit_price_matches``). Where that fails — the price book no
+longer has the ``price_id``, or has other prices for it than the events were
+costed at — the row's unit price is ListCost / PricingQuantity to 12
+significant digits and ``x_PriceDetails`` starts "derived from the stored cost"
+and says why (``derived_unit_prices`` counts those rows).
+
+``InvoiceId`` names finopsd's provisional invoice of the row (FOCUS: "MAY be
+generated prior to an invoice being issued"): one per billing account, invoice
+issuer and billing month, ``<BillingAccountId>:<issuer>:<YYYY-MM>`` with the
+issuer's name in lower case, runs of other characters than letters and digits
+as ``-`` (``acme-corp:openai:2025-03``, ``default:amazon-web-services:2025-04``,
+``default:self-hosted:2025-03``). It depends only on those three, so every
+export of a month gives its rows the same id. It is not the provider's invoice
+number, which finopsd does not know.
+
+``SkuPriceDetails`` (FOCUS Key-Value Format, one JSON object per SkuPriceId)
+holds the stable properties of the SKU price, never amounts or dates (the spec
+leaves those out so that it stays the same over time): ``x_TokenType`` (input,
+cached input, cache write, output) and ``x_PricingBasis`` ("price list",
+"deployment GPU-hours", or "deployment GPU-hours (idle)" for idle rows, which
+have no token type).
 
 Left out, and counted by ``skipped_events``: unpriced events (``price_source``
-NULL) and self-hosted events whose hour is not settled yet (costs NULL).
+NULL), self-hosted events whose hour is not settled yet (costs NULL), and
+events a gateway answered from its response cache (``price_source``
+cache_hit: no provider bills them).
 
 Conformance choices (spec section "Columns", each column's "Feature level"):
 every Mandatory column is present; of the Conditional ones those whose
 condition holds for LLM usage (ConsumedQuantity/Unit, ContractedUnitPrice,
-ListUnitPrice, ResourceId/Name/Type, SkuId, SkuMeter, SkuPriceId,
-SubAccountId/Name, Tags); of the Recommended ones ChargeFrequency and
-ServiceSubcategory. ``SkuPriceId`` leaves out the price's effective date (the
-spec wants it constant over time); the full ``price_id`` is in ``x_PriceId``.
+ListUnitPrice, ResourceId/Name/Type, SkuId, SkuMeter, SkuPriceDetails,
+SkuPriceId, SubAccountId/Name, Tags); of the Recommended ones ChargeFrequency,
+InvoiceId and ServiceSubcategory. ``SkuPriceId`` leaves out the price's
+effective date (the spec wants it constant over time); the full ``price_id`` is
+in ``x_PriceId``.
 """
 
 from __future__ import annotations
@@ -49,7 +84,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import duckdb
 import pyarrow as pa
@@ -58,6 +93,9 @@ import pyarrow.parquet as pq
 
 from finopsd.store import Store
 
+if TYPE_CHECKING:
+    from finopsd.pricing import PriceBook, UnitPrices
+
 FOCUS_VERSION = "1.2"
 
 TOKENS_PER_PRICING_UNIT = 1_000_000
@@ -65,6 +103,14 @@ TOKEN_PRICING_UNIT = "1000000 Tokens"
 IDLE_METER = "GPU hours (idle)"
 SELF_HOSTED_PROVIDER = "Self-hosted"
 SELF_HOSTED_SERVICE = "Self-hosted LLM"
+SELF_HOSTED_SOURCE = "self_hosted"
+CACHE_HIT = "cache_hit"
+"""``price_source`` of an event a gateway answered from its response cache (costs 0)."""
+
+BASIS_PRICE_LIST = "price list"
+BASIS_SELF_HOSTED = "deployment GPU-hours"
+BASIS_IDLE = "deployment GPU-hours (idle)"
+"""``SkuPriceDetails.x_PricingBasis``: what a SKU price is set by."""
 
 METERS: tuple[tuple[str, str], ...] = (
     ("input", "input tokens"),
@@ -114,6 +160,7 @@ SCHEMA = pa.schema(
         pa.field("ContractedCost", pa.float64(), nullable=False),
         pa.field("ContractedUnitPrice", pa.float64()),
         pa.field("EffectiveCost", pa.float64(), nullable=False),
+        pa.field("InvoiceId", pa.string()),
         pa.field("InvoiceIssuerName", pa.string(), nullable=False),
         pa.field("ListCost", pa.float64(), nullable=False),
         pa.field("ListUnitPrice", pa.float64()),
@@ -129,6 +176,7 @@ SCHEMA = pa.schema(
         pa.field("ServiceSubcategory", pa.string()),
         pa.field("SkuId", pa.string()),
         pa.field("SkuMeter", pa.string()),
+        pa.field("SkuPriceDetails", pa.string()),
         pa.field("SkuPriceId", pa.string()),
         pa.field("SubAccountId", pa.string()),
         pa.field("SubAccountName", pa.string()),
@@ -138,6 +186,7 @@ SCHEMA = pa.schema(
         pa.field("x_BillingMode", pa.string()),
         pa.field("x_GatewayCost", pa.float64()),
         pa.field("x_Model", pa.string()),
+        pa.field("x_PriceDetails", pa.string()),
         pa.field("x_PriceId", pa.string()),
         pa.field("x_PriceSource", pa.string()),
         pa.field("x_Requests", pa.int64()),
@@ -151,6 +200,8 @@ object (FOCUS Key-Value Format) or null. Custom columns:
 * ``x_GatewayCost``: the gateway's own cost figure for the row's events, split over
   their meters in proportion to list cost (null where no gateway sent one).
 * ``x_Model``: the model that answered (response model, else the requested one).
+* ``x_PriceDetails``: where ListUnitPrice comes from, amounts included (the price
+  list entry, the deployment-hour, or why it was derived from the cost).
 * ``x_PriceId``: finopsd's price id, with its effective date (``provider/model@date``
   or ``self_hosted/<deployment>``).
 * ``x_PriceSource``: catalog | config | self_hosted.
@@ -221,6 +272,21 @@ def _providers_sql() -> str:
     return f"providers(provider, provider_name, service_name) AS (VALUES {rows})"
 
 
+def _token_type_sql(slug: str) -> str:
+    """``'x_TokenType', <type>`` for json_object: the meter's token type, or nothing."""
+    cases = " ".join(
+        f"WHEN {_lit(s)} THEN {_lit(meter.removesuffix(' tokens').replace('-', ' '))}"
+        for s, meter in METERS
+    )
+    return f"'x_TokenType', CASE {slug} {cases} END"
+
+
+def _invoice_id_sql(issuer: str, hour: str) -> str:
+    """``<billing account>:<issuer slug>:<YYYY-MM>``, the provisional invoice of a row."""
+    slug = f"trim(lower(regexp_replace({issuer}, '[^A-Za-z0-9]+', '-', 'g')), '-')"
+    return f"$account || ':' || {slug} || ':' || strftime({hour}, '%Y-%m')"
+
+
 def _meters_sql() -> str:
     """The per-event list of meters: (slug, meter, quantity, list cost)."""
     uncached = (
@@ -268,6 +334,7 @@ ev AS (
         {_meters_sql()} AS meters
     FROM usage_events e
     WHERE e.ts >= $start AND e.ts < $end AND e.cost_usd IS NOT NULL
+      AND e.price_source IS DISTINCT FROM '{CACHE_HIT}'
 ),
 by_meter AS (
     SELECT * EXCLUDE (meters), unnest(meters) AS m,
@@ -297,8 +364,19 @@ usage_rows AS (
              ELSE coalesce(p.provider_name, a.provider, 'unknown') END AS provider_name,
         CASE WHEN a.{sh} THEN '{SELF_HOSTED_SERVICE}'
              ELSE coalesce(p.service_name, coalesce(a.provider, 'unknown') || ' API')
-        END AS service_name
-    FROM agg a LEFT JOIN providers p ON p.provider = a.provider
+        END AS service_name,
+        CASE WHEN h.tokens > 0 THEN h.cost_usd * {TOKENS_PER_PRICING_UNIT} / h.tokens
+        END AS sh_unit_price,
+        CASE WHEN h.tokens > 0
+            THEN 'USD per million tokens: the cost of deployment ' || a.deployment
+                 || ' in this hour, ' || printf('%.10g', h.cost_usd) || ' USD (' || h.gpus
+                 || ' x ' || h.gpu_type || ' at ' || printf('%.10g', h.gpu_hour_usd)
+                 || ' USD per GPU-hour), over the ' || h.tokens || ' tokens it served'
+        END AS sh_details
+    FROM agg a
+    LEFT JOIN providers p ON p.provider = a.provider
+    LEFT JOIN deployment_hours h ON a.{sh} AND h.deployment = a.deployment
+        AND timezone('UTC', h.hour) = a.hour
 )
 SELECT
     billed AS BilledCost,
@@ -324,11 +402,12 @@ SELECT
     qty AS ConsumedQuantity,
     'Tokens' AS ConsumedUnit,
     list_cost AS ContractedCost,
-    list_cost / (qty / {TOKENS_PER_PRICING_UNIT}) AS ContractedUnitPrice,
+    sh_unit_price AS ContractedUnitPrice,
     billed AS EffectiveCost,
+    {_invoice_id_sql("provider_name", "hour")} AS InvoiceId,
     provider_name AS InvoiceIssuerName,
     list_cost AS ListCost,
-    list_cost / (qty / {TOKENS_PER_PRICING_UNIT}) AS ListUnitPrice,
+    sh_unit_price AS ListUnitPrice,
     qty / {TOKENS_PER_PRICING_UNIT} AS PricingQuantity,
     '{TOKEN_PRICING_UNIT}' AS PricingUnit,
     provider_name AS ProviderName,
@@ -342,6 +421,9 @@ SELECT
     'Generative AI' AS ServiceSubcategory,
     sku_id AS SkuId,
     meter AS SkuMeter,
+    json_object({_token_type_sql("slug")},
+        'x_PricingBasis', CASE WHEN {sh} THEN '{BASIS_SELF_HOSTED}' ELSE '{BASIS_PRICE_LIST}' END
+    )::VARCHAR AS SkuPriceDetails,
     sku_id || '/' || slug AS SkuPriceId,
     tenant AS SubAccountId,
     tenant AS SubAccountName,
@@ -350,6 +432,7 @@ SELECT
     billing_mode AS x_BillingMode,
     gateway AS x_GatewayCost,
     model AS x_Model,
+    sh_details AS x_PriceDetails,
     price_id AS x_PriceId,
     price_source AS x_PriceSource,
     requests AS x_Requests
@@ -375,6 +458,7 @@ SELECT
     d.cost_usd AS ContractedCost,
     d.gpu_hour_usd AS ContractedUnitPrice,
     d.cost_usd AS EffectiveCost,
+    {_invoice_id_sql(_lit(SELF_HOSTED_PROVIDER), "timezone('UTC', d.hour)")} AS InvoiceId,
     '{SELF_HOSTED_PROVIDER}' AS InvoiceIssuerName,
     d.cost_usd AS ListCost,
     d.gpu_hour_usd AS ListUnitPrice,
@@ -390,6 +474,7 @@ SELECT
     'Generative AI' AS ServiceSubcategory,
     'self_hosted/' || d.deployment AS SkuId,
     '{IDLE_METER}' AS SkuMeter,
+    json_object('x_PricingBasis', '{BASIS_IDLE}')::VARCHAR AS SkuPriceDetails,
     'self_hosted/' || d.deployment || '/gpu-hours-idle' AS SkuPriceId,
     NULL::VARCHAR AS SubAccountId,
     NULL::VARCHAR AS SubAccountName,
@@ -398,6 +483,9 @@ SELECT
     NULL::VARCHAR AS x_BillingMode,
     NULL::DOUBLE AS x_GatewayCost,
     NULL::VARCHAR AS x_Model,
+    'USD per GPU-hour: ' || d.gpus || ' x ' || d.gpu_type || ' at '
+        || printf('%.10g', d.gpu_hour_usd) || ' USD per GPU-hour, as the hour was settled'
+        AS x_PriceDetails,
     'self_hosted/' || d.deployment AS x_PriceId,
     'self_hosted' AS x_PriceSource,
     d.requests AS x_Requests
@@ -428,6 +516,7 @@ def focus_table(
     start: datetime,
     end: datetime,
     *,
+    prices: PriceBook,
     billing_account: str = "default",
 ) -> pa.Table:
     """The FOCUS 1.2 rows of the half-open period [start, end), with ``SCHEMA``.
@@ -436,9 +525,12 @@ def focus_table(
     or later; it is only read. ``start`` and ``end`` are aware datetimes; rows
     are UTC hours, so bounds off a whole hour cut an hour short. Events count
     by ``ts`` (request start); idle deployment-hours by their ``hour``.
+    ``prices`` gives the list unit prices of priced rows
+    (``PriceBook.unit_prices`` of each ``price_id``; see the module docstring).
     ``billing_account`` fills BillingAccountId and BillingAccountName (finopsd
-    does not know the provider's account). Rows are sorted by hour, tenant,
-    provider, SKU. Raises ``PeriodError`` when ``end <= start``.
+    does not know the provider's account) and starts every InvoiceId. Rows are
+    sorted by hour, tenant, provider, SKU. Raises ``PeriodError`` when
+    ``end <= start``.
     """
     _check_period(start, end)
     con = _cursor(source)
@@ -450,7 +542,103 @@ def focus_table(
         con.close()
     # DuckDB hands back naive timestamps (UTC wall time, from timezone('UTC', ...)):
     # casting them to a UTC zone keeps the instant.
-    return table.cast(SCHEMA)
+    return _with_unit_prices(table.cast(SCHEMA), prices)
+
+
+METER_PRICES: dict[str, str] = {
+    "input tokens": "input",
+    "cached-input tokens": "cached_input",
+    "cache-write tokens": "cache_write",
+    "output tokens": "output",
+}
+"""SkuMeter to the ``UnitPrices`` field that prices it (USD per million tokens)."""
+
+DERIVED = "derived from the stored cost"
+"""How ``x_PriceDetails`` starts where ListUnitPrice is ListCost / PricingQuantity."""
+
+
+def unit_price_matches(unit_price: float, quantity: float, cost: float) -> bool:
+    """Whether ``unit_price × quantity`` is ``cost`` within floating-point rounding.
+
+    ``cost`` is a sum of per-event costs, each rounded on its own, so the
+    tolerance is relative (1e-9) with an absolute floor of 1e-12 USD.
+    """
+    return math.isclose(unit_price * quantity, cost, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def _derived_unit_price(cost: float, quantity: float) -> float:
+    """``cost / quantity`` to 12 significant digits (no division noise), 0 when nothing."""
+    return float(f"{cost / quantity:.12g}") if quantity else 0.0
+
+
+def _with_unit_prices(table: pa.Table, prices: PriceBook) -> pa.Table:
+    """``table`` with ListUnitPrice, ContractedUnitPrice and x_PriceDetails filled in.
+
+    Priced-from-a-list rows take the meter's price from ``prices.unit_prices``
+    of their ``x_PriceId``; self-hosted rows keep what the SQL took from their
+    ``deployment_hours`` row. A row whose unit price is unknown, or does not
+    give its ListCost (``unit_price_matches``: the price book has changed since
+    the events were priced), gets ListCost / PricingQuantity instead, and
+    ``x_PriceDetails`` says so and why.
+    """
+    if table.num_rows == 0:
+        return table
+    sources = table.column("x_PriceSource").to_pylist()
+    price_ids = table.column("x_PriceId").to_pylist()
+    meters = table.column("SkuMeter").to_pylist()
+    costs = table.column("ListCost").to_pylist()
+    quantities = table.column("PricingQuantity").to_pylist()
+    pricing_units = table.column("PricingUnit").to_pylist()
+    units = table.column("ListUnitPrice").to_pylist()
+    details = table.column("x_PriceDetails").to_pylist()
+    book: dict[str, UnitPrices | None] = {}
+    for i, source in enumerate(sources):
+        unit, detail, why = units[i], details[i], ""
+        if source != SELF_HOSTED_SOURCE:
+            price_id = price_ids[i]
+            if price_id not in book:
+                book[price_id] = prices.unit_prices(price_id)
+            found = book[price_id]
+            field_name = METER_PRICES.get(meters[i])
+            if found is None or field_name is None:
+                unit, detail = None, None
+                why = f"the price book has no price {price_id}"
+            else:
+                unit, detail = float(getattr(found, field_name)), found.details
+        elif unit is None:
+            why = "no settled deployment hour gives its price"
+        if unit is not None and not unit_price_matches(unit, quantities[i], costs[i]):
+            why = (
+                f"the price book's {unit:.10g} USD per {pricing_units[i]} for "
+                f"{price_ids[i]} {meters[i]} is not what its events were costed at"
+            )
+            unit = None
+        if unit is None:
+            unit = _derived_unit_price(costs[i], quantities[i])
+            detail = f"{DERIVED}: {why}"
+        units[i], details[i] = unit, detail
+    unit_array = pa.array(units, pa.float64())
+    for name, values in (
+        ("ListUnitPrice", unit_array),
+        ("ContractedUnitPrice", unit_array),  # no negotiated prices are known
+        ("x_PriceDetails", pa.array(details, pa.string())),
+    ):
+        table = table.set_column(table.schema.get_field_index(name), SCHEMA.field(name), values)
+    return table
+
+
+def derived_unit_prices(table: pa.Table) -> dict[str, int]:
+    """Rows whose ListUnitPrice is derived from their cost, by ``x_PriceId``."""
+    out: dict[str, int] = {}
+    pairs = zip(
+        table.column("x_PriceId").to_pylist(),
+        table.column("x_PriceDetails").to_pylist(),
+        strict=True,
+    )
+    for price_id, detail in pairs:
+        if detail is not None and detail.startswith(DERIVED):
+            out[price_id] = out.get(price_id, 0) + 1
+    return dict(sorted(out.items()))
 
 
 @dataclass
@@ -464,6 +652,7 @@ class SkippedEvents:
     unpriced_models: dict[str, int] = field(default_factory=dict)
     unsettled_events: int = 0
     unsettled_deployments: dict[str, int] = field(default_factory=dict)
+    cache_hit_events: int = 0
     idle_hours: int = 0
     idle_cost_usd: float = 0.0
 
@@ -479,6 +668,7 @@ class SkippedEvents:
                 "events": self.unsettled_events,
                 "deployments": self.unsettled_deployments,
             },
+            "cache_hits": {"events": self.cache_hit_events},
         }
 
 
@@ -492,19 +682,23 @@ def skipped_events(
     ``unpriced_*``: events without a price (``price_source`` NULL), by
     ``provider/model`` (response model, else requested). ``unsettled_*``: priced
     events without a cost yet (self-hosted hours not settled), by deployment.
+    ``cache_hit_events``: events a gateway answered from its response cache
+    (``price_source`` cache_hit, cost 0), which no provider bills.
     ``idle_*``: deployment-hours with no tokens, exported as idle GPU rows.
     """
     _check_period(start, end)
     con = _cursor(source)
     params = {"start": start, "end": end}
     where = "ts >= $start AND ts < $end"
+    billed = f"cost_usd IS NOT NULL AND price_source IS DISTINCT FROM '{CACHE_HIT}'"
     try:
         row = con.execute(
-            f"""SELECT count(*) FILTER (WHERE cost_usd IS NOT NULL),
-                    coalesce(sum(cost_usd), 0), coalesce(sum(list_cost_usd)
-                        FILTER (WHERE cost_usd IS NOT NULL), 0),
+            f"""SELECT count(*) FILTER (WHERE {billed}),
+                    coalesce(sum(cost_usd) FILTER (WHERE {billed}), 0),
+                    coalesce(sum(list_cost_usd) FILTER (WHERE {billed}), 0),
                     count(*) FILTER (WHERE price_source IS NULL),
-                    count(*) FILTER (WHERE price_source IS NOT NULL AND cost_usd IS NULL)
+                    count(*) FILTER (WHERE price_source IS NOT NULL AND cost_usd IS NULL),
+                    count(*) FILTER (WHERE price_source = '{CACHE_HIT}')
                 FROM usage_events WHERE {where}""",
             params,
         ).fetchone()
@@ -515,6 +709,7 @@ def skipped_events(
             list_cost_usd=float(row[2]),
             unpriced_events=int(row[3]),
             unsettled_events=int(row[4]),
+            cache_hit_events=int(row[5]),
         )
         if out.unpriced_events:
             out.unpriced_models = dict(
@@ -575,8 +770,10 @@ def _float_text(value: float | None) -> str:
         return ""
     text = repr(value)
     if "e" in text or "n" in text or text == "-0.0":  # exponent, nan, inf, negative zero
-        return decimal_text(value)
-    return text[:-2] if text.endswith(".0") else text
+        text = decimal_text(value)
+    # FOCUS Decimal columns: 1000.0, never 1000, so that a reader inferring types
+    # (the FinOps Foundation validator reads CSV with pandas) sees a decimal
+    return text if "." in text else text + ".0"
 
 
 def _column_text(column: pa.ChunkedArray) -> list[str]:
@@ -604,10 +801,12 @@ def write_csv(table: pa.Table, out: str | Path | TextIO) -> None:
     """Write ``table`` as CSV (RFC 4180: comma, double quotes where needed, CRLF rows).
 
     A header row of column IDs comes first. Nulls are empty fields; date-times
-    are ``YYYY-MM-DDTHH:mm:ssZ``; numbers are plain decimals (FOCUS Numeric
-    Format forbids exponents). ``out`` is a path (written atomically: a
-    temporary file in the same directory, then renamed) or an open text stream,
-    which should have been opened with ``newline=""``.
+    are ``YYYY-MM-DDTHH:mm:ssZ``; numbers are plain decimals without an exponent
+    (FOCUS Numeric Format), and the Decimal columns (every float column) always
+    have a decimal point (``1000.0``); ``x_Requests`` is an integer. ``out`` is
+    a path (written atomically: a temporary file in the same directory, then
+    renamed) or an open text stream, which should have been opened with
+    ``newline=""``.
     """
     if isinstance(out, str | Path):
         _atomic_write(Path(out), "w", lambda f: _write_csv_stream(table, f))
