@@ -33,8 +33,11 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from finopsd.providers import split_provider
 
 MAX_TEXT = 256
 """Longest accepted tag or name, in characters."""
@@ -144,14 +147,40 @@ class UsageEvent(_Event):
         "standard",
         description="batch: sent through the provider's batch API and billed at its discount",
     )
+    cache_hit: bool = Field(
+        False,
+        description="Answered from the gateway's response cache: no provider call was made",
+    )
 
-    @field_validator("status", "latency_class", "billing_mode", mode="before")
+    #: Columns holding model names, whose provider prefix is split off (``split_provider``).
+    model_name_columns: ClassVar[tuple[str, ...]] = ("request_model", "response_model")
+
+    @field_validator("status", "latency_class", "billing_mode", "cache_hit", mode="before")
     @classmethod
     def _null_means_default(cls, value: Any, info: ValidationInfo) -> Any:
         """A JSON null for a field with a default means the default."""
         if value is None and info.field_name is not None:
             return cls.model_fields[info.field_name].default
         return value
+
+    @model_validator(mode="after")
+    def _split_provider_prefixes(self) -> UsageEvent:
+        """``openai/gpt-4o`` is model ``gpt-4o``: a provider prefix (``finopsd.providers``) is
+        split off each model name, and names the provider when the event names none (the
+        request model's prefix first). The batch decoder applies the same function."""
+        provider = self.provider
+        for name in self.model_name_columns:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            prefix, model = split_provider(value)
+            if prefix is not None:
+                # frozen: set once, here, while the instance is being validated
+                object.__setattr__(self, name, model)
+                provider = provider or prefix
+        if provider != self.provider:
+            object.__setattr__(self, "provider", provider)
+        return self
 
 
 class GpuSample(_Event):

@@ -62,6 +62,7 @@ WIRE_KEYS: list[str] = [f.alias or name for name, f in UsageEvent.model_fields.i
 # every key, with the ones whose checks are hardest to get right drawn more often
 _MUTATED_KEYS = [*WIRE_KEYS, *["ts"] * 6, "event_id", "gen_ai.request.model", "tenant"]
 _MUTATED_KEYS += ["status", "latency_class", "prefix_hashes", "gen_ai.usage.input_tokens"]
+_MUTATED_KEYS += ["cache_hit", "gen_ai.response.model", "gen_ai.provider.name"]
 
 
 def canonical(row: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -237,6 +238,31 @@ EDGE_CASES: dict[str, bytes] = {
     "prefix_hashes_over_int64": _with(prefix_hashes=[2**63]),
     "prefix_hashes_empty": _with(prefix_hashes=[]),
     "prefix_hashes_str": _with(prefix_hashes="1,2"),
+    "cache_hit_true": _with(cache_hit=True),
+    "cache_hit_false": _with(cache_hit=False),
+    "cache_hit_null": _with(cache_hit=None),
+    "cache_hit_str": _with(cache_hit="true"),
+    "cache_hit_int": _with(cache_hit=1),
+    "cache_hit_zero": _with(cache_hit=0),
+    "cache_hit_list": _with(cache_hit=[True]),
+    "model_prefixed": _with(gen_ai__request__model="openai/gpt-4o", gen_ai__provider__name=None),
+    "model_prefixed_provider_named": _with(
+        gen_ai__request__model="azure/gpt-4o", gen_ai__provider__name="azure.ai.openai"
+    ),
+    "response_model_prefixed": _with(
+        gen_ai__response__model="anthropic/claude-sonnet-4-5", gen_ai__provider__name=None
+    ),
+    "both_prefixed": _with(
+        gen_ai__request__model="bedrock/anthropic.claude-3-5-sonnet-20240620-v1:0",
+        gen_ai__response__model="anthropic/claude-3-5-sonnet",
+        gen_ai__provider__name=None,
+    ),
+    "prefix_only": _with(gen_ai__request__model="openai/", gen_ai__provider__name=None),
+    "prefix_twice": _with(gen_ai__request__model="openrouter/anthropic/claude-3.5-sonnet"),
+    "not_a_provider_prefix": _with(gen_ai__request__model="meta-llama/Llama-3.1-8B-Instruct"),
+    "upper_case_prefix": _with(gen_ai__request__model="OpenAI/gpt-4o"),
+    "prefix_then_newline": _with(gen_ai__request__model="openai/\n"),
+    "prefix_over_max": _with(gen_ai__request__model="openai/" + "m" * MAX_TEXT),
     "unknown_keys": _with(extra={"nested": [1, 2]}, another=None),
     "pretty_printed": encode(BASE, indent=2),
     "trailing_newline": encode(BASE) + b"\n",
@@ -403,6 +429,15 @@ def _value_for(key: str) -> st.SearchStrategy[Any]:
         )
     if key in ("status", "latency_class"):
         return st.one_of(st.sampled_from(["ok", "error", "interactive", "batch"]), _WRONG_VALUES)
+    if key == "cache_hit":
+        return st.one_of(st.booleans(), _WRONG_VALUES)
+    if key in ("gen_ai.request.model", "gen_ai.response.model"):
+        prefixed = st.builds(
+            "{}/{}".format,
+            st.sampled_from(["openai", "azure", "bedrock", "vllm", "meta-llama", "OpenAI", ""]),
+            st.one_of(st.text(max_size=MAX_TEXT), st.sampled_from(["", "gpt-4o", "a/b"])),
+        )
+        return st.one_of(prefixed, st.text(max_size=MAX_TEXT + 2), _WRONG_VALUES)
     if key.startswith("gen_ai.usage"):
         return st.one_of(st.integers(-10, 2**40 + 10), _WRONG_VALUES)
     if key in ("latency_ms", "ttft_ms", "cost_usd", "quality_score"):
@@ -668,6 +703,7 @@ _DUCKDB_TYPES = {
     "double": "DOUBLE",
     "timestamp[us, tz=UTC]": "TIMESTAMP WITH TIME ZONE",
     "list<item: int64>": "BIGINT[]",
+    "bool": "BOOLEAN",
 }
 
 
@@ -848,3 +884,80 @@ def test_events_too_far_in_the_future_are_refused_by_every_path() -> None:
     # without a window the model alone decides: both stored
     frame, rejects = BatchDecoder(GpuSample).decode([ok, ahead])
     assert frame.num_rows == 2 and not rejects
+
+
+# -- gateway cache hits and provider prefixes -------------------------------------------------
+
+
+def test_cache_hit_is_stored_as_sent_and_defaults_to_false() -> None:
+    """``cache_hit`` true or false is kept; absent or null is false; any other JSON type is
+    refused as ``wrong_type``, on the fast path as by the model."""
+    values = [
+        _with(event_id="hit", cache_hit=True),
+        _with(event_id="miss", cache_hit=False),
+        _with(event_id="null", cache_hit=None),
+        encode({**{k: v for k, v in BASE.items() if k != "cache_hit"}, "event_id": "absent"}),
+        _with(event_id="text", cache_hit="true"),
+        _with(event_id="one", cache_hit=1),
+    ]
+    frame, rejects = BatchDecoder(UsageEvent).decode(values)
+    got = {row["event_id"]: row["cache_hit"] for row in frame.to_pylist()}
+    assert got == {"hit": True, "miss": False, "null": False, "absent": False}
+    assert [(r.index, r.reason) for r in rejects] == [(4, "wrong_type"), (5, "wrong_type")]
+    assert all("cache_hit" in r.detail for r in rejects)
+    assert_agrees_with_model(BatchDecoder(UsageEvent), values)
+
+
+def test_provider_prefixes_are_split_off_model_names() -> None:
+    """``openai/gpt-4o`` is stored as model ``gpt-4o`` of provider ``openai`` (the prefix
+    names the provider only where none is sent); names that do not start with a known
+    provider keep their slash. Over 20,000 records, so Arrow reads the batch in several
+    chunks."""
+    cases = [
+        # (request model, response model, provider sent) -> (provider, request, response)
+        (("openai/gpt-4o", None, None), ("openai", "gpt-4o", None)),
+        (
+            ("openai/gpt-4o", "gpt-4o-2024-08-06", "openai"),
+            ("openai", "gpt-4o", "gpt-4o-2024-08-06"),
+        ),
+        (("azure/gpt-4o", None, "azure.ai.openai"), ("azure.ai.openai", "gpt-4o", None)),
+        (
+            ("gpt-4o", "anthropic/claude-sonnet-4-5", None),
+            ("anthropic", "gpt-4o", "claude-sonnet-4-5"),
+        ),
+        (
+            ("bedrock/anthropic.claude-3-5-sonnet-20240620-v1:0", "anthropic/x", None),
+            ("bedrock", "anthropic.claude-3-5-sonnet-20240620-v1:0", "x"),
+        ),
+        (
+            ("meta-llama/Llama-3.1-8B-Instruct", None, "vllm"),
+            ("vllm", "meta-llama/Llama-3.1-8B-Instruct", None),
+        ),
+        (
+            ("openrouter/anthropic/claude-3.5", None, None),
+            ("openrouter", "anthropic/claude-3.5", None),
+        ),
+        (("openai/", None, None), (None, "openai/", None)),
+        (("OpenAI/gpt-4o", None, None), (None, "OpenAI/gpt-4o", None)),
+    ]
+    values = []
+    want = {}
+    for i in range(21_000):
+        (request, response, provider), expect = cases[i % len(cases)]
+        event = {**BASE, "event_id": f"e{i}", "gen_ai.request.model": request}
+        event["gen_ai.response.model"] = response
+        event["gen_ai.provider.name"] = provider
+        values.append(encode(event))
+        want[f"e{i}"] = expect
+    decoder = BatchDecoder(UsageEvent)
+    frame, rejects = decoder.decode(values)
+    assert not rejects
+    got = {
+        r["event_id"]: (r["provider"], r["request_model"], r["response_model"])
+        for r in frame.to_pylist()
+    }
+    assert got == want
+    for i, value in enumerate(values[: len(cases)]):  # the model alone says the same
+        row = UsageEvent.model_validate_json(value).row()
+        assert (row["provider"], row["request_model"], row["response_model"]) == want[f"e{i}"]
+    assert_agrees_with_model(decoder, values[:300])

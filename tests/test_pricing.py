@@ -347,8 +347,7 @@ def test_batch_before_the_catalogs_batch_prices_takes_the_providers_discount() -
 
 def test_a_response_cache_hit_costs_nothing_but_keeps_its_price() -> None:
     book = PriceBook(genai=GENAI)
-    rows = rows_of(event(1), event(2))
-    rows = rows.append_column("cache_hit", pa.array([True, False]))
+    rows = rows_of(event(1, cache_hit=True), event(2))  # UsageEvent.cache_hit, decoded
     hit, miss = book.price(rows)[0].to_pylist()
     assert hit["cost_usd"] == 0 and hit["list_cost_usd"] == 0
     assert hit["price_source"] == "cache_hit" and hit["price_id"] == miss["price_id"]

@@ -36,6 +36,7 @@ from pydantic import AwareDatetime, ValidationError
 from pydantic.fields import FieldInfo
 
 from finopsd.events import _Event, explain
+from finopsd.providers import split_provider
 
 FALLBACK_CHUNK = 256
 """When a batch does not parse as a whole, it is retried in chunks of this many records;
@@ -67,7 +68,7 @@ class Reject:
 class _Column:
     wire: str
     name: str
-    kind: Literal["str", "int", "float", "ts", "int_list", "enum"]
+    kind: Literal["str", "int", "float", "bool", "ts", "int_list", "enum"]
     required: bool
     default: Any
     ge: float | None
@@ -114,6 +115,8 @@ def _columns(model: type[_Event]) -> list[_Column]:
         kw: dict[str, Any] = {}
         if base is str:
             kind = "str"
+        elif base is bool:
+            kind = "bool"
         elif base is int:
             kind = "int"
         elif base is float:
@@ -179,6 +182,7 @@ _WIRE_TYPES: dict[str, pa.DataType] = {
     "ts": pa.string(),
     "int": pa.int64(),
     "float": pa.float64(),
+    "bool": pa.bool_(),
     "int_list": pa.list_(pa.int64()),
 }
 _STORE_TYPES: dict[str, pa.DataType] = {**_WIRE_TYPES, "ts": TIMESTAMP}
@@ -233,6 +237,9 @@ class BatchDecoder:
         self._latest: datetime | None = None
         self.columns = _columns(model)
         self.schema = store_schema(model)
+        # columns whose provider prefix the model splits off (UsageEvent: request and
+        # response model); the fast path does it with the model's own function
+        self._model_names: tuple[str, ...] = getattr(model, "model_name_columns", ())
         wire = pa.schema([pa.field(c.wire, _WIRE_TYPES[c.kind]) for c in self.columns])
         self._parse_options = pa_json.ParseOptions(
             explicit_schema=wire, unexpected_field_behavior="ignore"
@@ -436,7 +443,10 @@ class BatchDecoder:
         valid = pc.fill_null(checks[0], True) if checks else pc.is_valid(parsed.column(0))
         for check in checks[1:]:
             valid = pc.and_(valid, pc.fill_null(check, True))
-        return pa.Table.from_arrays(columns, schema=self.schema), valid
+        table = pa.Table.from_arrays(columns, schema=self.schema)
+        if self._model_names:
+            table = _split_provider_prefixes(table, self._model_names)
+        return table, valid
 
 
 class _Values:
@@ -497,6 +507,53 @@ def _long_digit_run(value: np.ndarray) -> bool:
         return False
     edges = np.flatnonzero(np.diff(digit, prepend=False, append=False))  # run starts, ends
     return bool((np.diff(edges)[0::2] > MAX_DIGITS).any())
+
+
+def _split_provider_prefixes(table: pa.Table, names: tuple[str, ...]) -> pa.Table:
+    """``UsageEvent``'s prefix rule over a batch: each of the columns ``names`` loses a
+    provider prefix (``finopsd.providers.split_provider``), and ``provider`` is filled from
+    the first prefix where it is null.
+
+    A batch whose model names hold no ``/`` byte is returned as it is (one numpy pass over
+    the names); otherwise the function runs once per distinct name of each chunk
+    (``dictionary_encode``), not once per row: a batch names a few models.
+    """
+    heads: list[pa.ChunkedArray] = []
+    for name in names:
+        column = table.column(name)
+        if not any(_holds_byte(chunk, 0x2F) for chunk in column.chunks):
+            continue
+        models, prefixes = [], []
+        for chunk in column.chunks:
+            encoded = pc.dictionary_encode(chunk)
+            split = [split_provider(v) for v in encoded.dictionary.to_pylist()]
+            if all(prefix is None for prefix, _ in split):
+                models.append(chunk)
+                prefixes.append(pa.nulls(len(chunk), pa.string()))
+                continue
+            models.append(pa.array([m for _, m in split], pa.string()).take(encoded.indices))
+            prefixes.append(pa.array([p for p, _ in split], pa.string()).take(encoded.indices))
+        table = table.set_column(
+            table.schema.get_field_index(name), name, pa.chunked_array(models, pa.string())
+        )
+        heads.append(pa.chunked_array(prefixes, pa.string()))
+    if heads and "provider" in table.column_names:
+        at = table.schema.get_field_index("provider")
+        provider = pc.coalesce(table.column(at), *heads)
+        table = table.set_column(at, "provider", provider)
+    return table
+
+
+def _holds_byte(values: pa.Array, byte: int) -> bool:
+    """Whether the data buffer of a string array slice holds ``byte`` (nulls' bytes are none)."""
+    _, offsets_buf, data_buf = values.buffers()
+    if data_buf is None or len(values) == 0:
+        return False
+    offsets = np.frombuffer(offsets_buf, dtype=np.int32)[
+        values.offset : values.offset + len(values) + 1
+    ]
+    data = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return bool(np.any(data == byte))
 
 
 def _no_null_items(lists: pa.ChunkedArray) -> pa.ChunkedArray:
