@@ -9,6 +9,7 @@ bpe_openai's o200k), never by the code under test.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -450,6 +451,80 @@ def test_otlp_failed_and_embedding_spans_without_usage() -> None:
     ) == (40, 0)
 
 
+def test_otlp_failed_span_is_not_estimated_from_its_messages() -> None:
+    """A failed span with captured messages but no usage gets 0 tokens, not an estimate from
+    its text (which would bill a call that failed); counts it reports are kept."""
+    messages = json.dumps([{"role": "user", "parts": [{"type": "text", "content": "hi " * 500}]}])
+    output = json.dumps([{"role": "assistant", "parts": [{"type": "text", "content": "no"}]}])
+    unreported = chat_span(
+        spanId="00000000000000c1",
+        status={"code": 2, "message": "timeout"},
+        attrs={
+            "gen_ai.usage.input_tokens": None,
+            "gen_ai.usage.output_tokens": None,
+            "gen_ai.input.messages": messages,
+            "gen_ai.output.messages": output,
+        },
+    )
+    reported = chat_span(
+        spanId="00000000000000c2",
+        status={"code": 2},
+        attrs={
+            "gen_ai.usage.input_tokens": 1500,
+            "gen_ai.usage.output_tokens": None,
+            "gen_ai.input.messages": messages,
+            "gen_ai.output.messages": output,
+        },
+    )
+    ok = chat_span(  # the same text on a successful span is counted
+        spanId="00000000000000c3",
+        attrs={"gen_ai.usage.input_tokens": None, "gen_ai.input.messages": messages},
+    )
+    rows, rejects = decode(OtlpJsonDecoder(), [span_request(unreported, reported, ok)])
+    assert not rejects
+    by_span = {k.rsplit("-", 1)[1]: v for k, v in rows.items()}
+    assert by_span["00000000000000c1"]["status"] == "error"
+    assert (
+        by_span["00000000000000c1"]["input_tokens"],
+        by_span["00000000000000c1"]["output_tokens"],
+    ) == (0, 0)
+    assert (
+        by_span["00000000000000c2"]["input_tokens"],
+        by_span["00000000000000c2"]["output_tokens"],
+    ) == (1500, 0)
+    assert by_span["00000000000000c3"]["input_tokens"] > 500
+
+
+def test_otlp_litellm_cache_hit_and_model_prefix() -> None:
+    """LiteLLM's OpenTelemetry spans: ``litellm.cache_hit`` (boolValue) is the event's
+    cache_hit; a prefixed model names the provider when the span names none."""
+    hit = chat_span(
+        spanId="00000000000000d1",
+        attrs={
+            "litellm.cache_hit": True,
+            "gen_ai.request.model": "openai/gpt-4o",
+            "gen_ai.provider.name": None,
+        },
+    )
+    miss = chat_span(spanId="00000000000000d2", attrs={"litellm.cache_hit": False})
+    plain = chat_span(spanId="00000000000000d3")
+    rows, rejects = decode(OtlpJsonDecoder(), [span_request(hit, miss, plain)])
+    assert not rejects
+    by_span = {k.rsplit("-", 1)[1]: v for k, v in rows.items()}
+    assert by_span["00000000000000d1"]["cache_hit"] is True
+    assert (
+        by_span["00000000000000d1"]["provider"],
+        by_span["00000000000000d1"]["request_model"],
+    ) == ("openai", "gpt-4o")
+    assert by_span["00000000000000d2"]["cache_hit"] is False
+    assert by_span["00000000000000d3"]["cache_hit"] is False
+    wrong = chat_span(attrs={"litellm.cache_hit": "true"})
+    rows, rejects = decode(OtlpJsonDecoder(), [span_request(wrong)])
+    assert not rows
+    assert [r.reason for r in rejects] == ["wrong_type"]
+    assert "litellm.cache_hit: expected a boolValue, got stringValue" in rejects[0].detail
+
+
 def test_otlp_token_counts_as_numbers_and_whole_doubles() -> None:
     span = chat_span(
         attrs={
@@ -558,7 +633,8 @@ def test_litellm_failure_payload() -> None:
     assert (row["input_tokens"], row["output_tokens"]) == (0, 0)
     assert row["latency_ms"] == 30000.0
     assert "ttft_ms" not in row  # a failed call saw no first token
-    assert row["request_model"] == "azure/gpt-4o" and row["provider"] == "azure"
+    # LiteLLM's failure payload keeps the route's prefix: the model is gpt-4o, served by azure
+    assert row["request_model"] == "gpt-4o" and row["provider"] == "azure"
     assert row["app"] == "batch-jobs" and "team" not in row
 
 
@@ -604,6 +680,129 @@ def test_litellm_array_of_payloads() -> None:
         reject.detail
     )
     assert "payload [3]: is number" in reject.detail
+
+
+def test_litellm_cache_hit_is_kept() -> None:
+    """``cache_hit`` true is a response-cache hit; false, null or absent is not."""
+    for value, want in ((True, True), (False, False), (None, False), (..., False)):
+        rows, rejects = decode(LiteLLMDecoder(), [_mutated(cache_hit=value)])
+        assert not rejects
+        (row,) = rows.values()
+        assert row["cache_hit"] is want, value
+    rows, rejects = decode(LiteLLMDecoder(), [_mutated(cache_hit="yes")])
+    assert not rows
+    assert [r.reason for r in rejects] == ["wrong_type"]
+    assert "cache_hit: expected a boolean, got string" in rejects[0].detail
+
+
+def test_litellm_cost_without_a_price_is_no_gateway_cost() -> None:
+    """LiteLLM writes response_cost 0.0 when it has no price for the model, with
+    response_cost_failure_debug_info saying so: that is no figure, not a cost of 0."""
+    debug = {"error_str": "This model isn't mapped yet.", "model": "my-model"}
+    cases = {
+        "unpriced": (_mutated(response_cost=0.0, response_cost_failure_debug_info=debug), None),
+        "null": (_mutated(response_cost=None), None),
+        "priced": (_mutated(response_cost_failure_debug_info=None), 0.000342),
+        "free": (_mutated(response_cost=0.0, response_cost_failure_debug_info=None), 0.0),
+    }
+    for name, (value, want) in cases.items():
+        rows, rejects = decode(LiteLLMDecoder(), [value])
+        assert not rejects
+        (row,) = rows.values()
+        assert row.get("gateway_cost_usd") == want, name
+
+
+def test_litellm_provider_prefix_is_split_off() -> None:
+    """``openai/gpt-4o`` (a cache hit's model) is gpt-4o; with no custom_llm_provider the
+    prefix names the provider."""
+    rows, _ = decode(LiteLLMDecoder(), [_mutated(model="openai/gpt-4o")])
+    (row,) = rows.values()
+    assert (row["provider"], row["request_model"]) == ("openai", "gpt-4o")
+    rows, _ = decode(
+        LiteLLMDecoder(), [_mutated(model="anthropic/claude-sonnet-4-5", custom_llm_provider=...)]
+    )
+    (row,) = rows.values()
+    assert (row["provider"], row["request_model"]) == ("anthropic", "claude-sonnet-4-5")
+
+
+def test_litellm_failed_call_is_not_estimated_from_its_messages() -> None:
+    """A failure payload with null counts and the request's messages: 0 tokens, as for a
+    failed span; a success with the same payload is counted."""
+    payload = sample_json("litellm_no_usage.json")
+    payload["status"] = "failure"
+    rows, rejects = decode(LiteLLMDecoder(), [json.dumps(payload).encode()])
+    assert not rejects
+    (row,) = rows.values()
+    assert (row["status"], row["input_tokens"], row["output_tokens"]) == ("error", 0, 0)
+
+
+# -- the README's LiteLLM callback, as LiteLLM's SDK drives it --------------------------------
+
+RECIPE = DATA.parent.parent / "deploy" / "litellm" / "finopsd_kafka_logger.py"
+
+
+def sdk_records() -> dict[str, dict[str, Any]]:
+    """tests/data/litellm_sdk_records.json by scenario: what the recipe sent, byte for byte."""
+    captured = sample_json("litellm_sdk_records.json")
+    return {r["scenario"]: r for r in captured["records"]}
+
+
+def test_litellm_recipe_is_the_readme_block_and_the_one_captured() -> None:
+    """The README shows deploy/litellm/finopsd_kafka_logger.py as it is, and the fixture was
+    captured through this very file (recapture with tests/data/capture_litellm.py after
+    changing it)."""
+    readme = (DATA.parent.parent / "README.md").read_text()
+    after = readme[readme.index("[`deploy/litellm/finopsd_kafka_logger.py`]") :]
+    block = after[after.index("```python\n") + len("```python\n") :]
+    block = block[: block.index("```")]
+    recipe = RECIPE.read_text()
+    assert block == recipe
+    for hook in ("log_success_event", "log_failure_event"):  # sync SDK calls need these
+        assert f"    def {hook}(self, kwargs, response_obj, start_time, end_time):" in recipe
+        assert f"    async def async_{hook}(self, kwargs, response_obj," in recipe
+    captured = sample_json("litellm_sdk_records.json")["captured_with"]
+    assert captured["recipe"] == "deploy/litellm/finopsd_kafka_logger.py"
+    assert captured["recipe_sha256"] == hashlib.sha256(RECIPE.read_bytes()).hexdigest()
+
+
+def test_litellm_sdk_records_sent_by_the_recipe() -> None:
+    """Records from real litellm.completion() (sync hooks) and acompletion() (async hooks):
+    keyed by the payload id; the response-cache hit is a cache hit of model gpt-4o (LiteLLM
+    names it openai/gpt-4o); an unpriced model has no gateway cost; failures no tokens."""
+    records = sdk_records()
+    assert {r["api"] for r in records.values()} == {"completion", "acompletion"}
+    rows, rejects = decode(LiteLLMDecoder(), [r["value"].encode() for r in records.values()])
+    assert not rejects
+    assert len(rows) == len(records)  # a cache hit has an id of its own
+    by_scenario = {}
+    for name, record in records.items():
+        payload = json.loads(record["value"])
+        assert record["key"] == payload["id"]
+        by_scenario[name] = rows[payload["id"]]
+
+    hit = by_scenario["sync_cache_hit"]
+    assert json.loads(records["sync_cache_hit"]["value"])["model"] == "openai/gpt-4o"
+    assert (hit["cache_hit"], hit["provider"], hit["request_model"]) == (True, "openai", "gpt-4o")
+    assert hit["gateway_cost_usd"] == 0.0  # LiteLLM's response_cost for a hit
+    assert by_scenario["async_cache_hit"]["cache_hit"] is True
+    for name in ("sync_success", "async_success", "sync_cache_miss", "async_cache_miss"):
+        row = by_scenario[name]
+        assert row["cache_hit"] is False and row["status"] == "ok", name
+        assert row["gateway_cost_usd"] > 0, name  # LiteLLM priced these
+    # the same model, however LiteLLM named it: one name in the store
+    assert by_scenario["sync_cache_miss"]["request_model"] == hit["request_model"]
+    assert by_scenario["async_success"]["request_model"] == "gpt-4o-mini"
+
+    unpriced = by_scenario["sync_unpriced"]
+    assert json.loads(records["sync_unpriced"]["value"])["response_cost"] == 0.0
+    assert "gateway_cost_usd" not in unpriced  # NULL: LiteLLM had no price, 0.0 is no figure
+    assert unpriced["request_model"] == "finopsd-unpriced-model"
+
+    for name, provider in (("sync_failure", "openai"), ("async_failure", "anthropic")):
+        row = by_scenario[name]
+        assert row["status"] == "error", name
+        assert (row["input_tokens"], row["output_tokens"]) == (0, 0), name
+        assert row["provider"] == provider, name
 
 
 def _mutated(**changes: Any) -> bytes:
@@ -795,3 +994,69 @@ def test_format_topics_end_to_end(
     assert by_source[(litellm_topic, 2)][0]["finopsd-reason"] == "wrong_type"
     assert "prompt_tokens" in by_source[(litellm_topic, 2)][0]["finopsd-detail"]
     assert state.counts["dead_letters"] == 3
+
+
+def test_litellm_sdk_records_end_to_end(
+    topics: Topics, make_config: MakeConfig, daemons: Daemons
+) -> None:
+    """The recipe's records, produced with their keys to a litellm topic, are stored: the
+    cache hit with cache_hit true and model gpt-4o, the unpriced call with a NULL gateway
+    cost, the failures with no tokens."""
+    topic = f"litellm-sdk.{topics.group}"
+    ensure_topics(topics.bootstrap, {topic: 1})
+    # captured on one day: the window ahead of the clock must not refuse them on another
+    setup = make_config("sdk", ingest={"max_future_skew_s": 366 * 86_400})
+    with setup.config.open("a") as config:
+        config.write(f'\n[ingest.formats]\n"{topic}" = "litellm"\n')
+    records = sdk_records()
+    produce_messages(
+        topics.bootstrap,
+        topic,
+        [(r["key"].encode(), r["value"].encode()) for r in records.values()],
+    )
+    daemon = daemons(setup)
+    daemon.start()
+    daemon.wait_ready()
+    daemon.wait_until(
+        lambda: (
+            committed_offsets(topics.bootstrap, topics.group, [TopicPartition(topic, 0)]).get(0, 0)
+            >= len(records)
+        ),
+        timeout=60,
+        what="the litellm topic to be committed",
+        interval=0.3,
+    )
+    assert not daemon.logged_error(), daemon.log_tail()
+    assert daemon.terminate() == 0, daemon.log_tail()
+
+    with Store(setup.store, read_only=True) as store:
+        cursor = store.cursor().execute(
+            "SELECT event_id, cache_hit, provider, request_model, status, input_tokens, "
+            "output_tokens, gateway_cost_usd, cost_usd, price_source FROM usage_events"
+        )
+        columns = [d[0] for d in cursor.description]
+        stored = {r[0]: dict(zip(columns, r, strict=True)) for r in cursor.fetchall()}
+    ids = {name: json.loads(r["value"])["id"] for name, r in records.items()}
+    assert set(stored) == set(ids.values())
+    hit = stored[ids["sync_cache_hit"]]
+    assert (hit["cache_hit"], hit["provider"], hit["request_model"]) == (True, "openai", "gpt-4o")
+    assert stored[ids["async_cache_hit"]]["cache_hit"] is True
+    assert [name for name in ids if stored[ids[name]]["cache_hit"]] == [
+        "sync_cache_hit",
+        "async_cache_hit",
+    ]
+    for name in ("sync_cache_hit", "async_cache_hit"):  # no provider call: nothing billed
+        assert (stored[ids[name]]["cost_usd"], stored[ids[name]]["price_source"]) == (
+            0.0,
+            "cache_hit",
+        ), name
+    assert stored[ids["sync_cache_miss"]]["cost_usd"] > 0
+    assert stored[ids["sync_unpriced"]]["gateway_cost_usd"] is None
+    assert stored[ids["sync_success"]]["gateway_cost_usd"] > 0
+    for name in ("sync_failure", "async_failure"):
+        failed = stored[ids[name]]
+        assert (failed["status"], failed["input_tokens"], failed["output_tokens"]) == (
+            "error",
+            0,
+            0,
+        )

@@ -27,7 +27,12 @@ gen_ai.usage.cache_read.…          ``usage.prompt_tokens_details.cached_tokens
 gen_ai.usage.cache_creation.…      ``usage.prompt_tokens_details.cache_creation_tokens``,
                                    else ``usage.cache_creation_input_tokens``
 gen_ai.usage.reasoning.…           ``usage.completion_tokens_details.reasoning_tokens``
-cost_usd                           ``response_cost`` (the gateway's own price)
+cost_usd                           ``response_cost`` (the gateway's own price); none
+                                   when LiteLLM had no price for the model
+                                   (``response_cost_failure_debug_info`` set: its 0.0
+                                   then means "unknown", not "free")
+cache_hit                          ``cache_hit`` (true: answered from LiteLLM's
+                                   response cache; null or absent: false)
 tenant                             ``metadata.user_api_key_org_id``
 team                               ``metadata.user_api_key_team_alias``, else
                                    ``metadata.user_api_key_team_id``
@@ -44,9 +49,14 @@ not authenticated: the key's values win).
 When ``prompt_tokens`` or ``completion_tokens`` is missing or null, it is
 estimated with tiktoken (``finopsd.tokens``) from ``messages`` (chat messages,
 counted as OpenAI does, or a plain prompt string) and ``response`` (the text of
-``choices[].message.content`` or ``choices[].text``, or a plain string). A
-failed call with neither counts nor text is stored with 0 tokens; any other
-payload without usage is refused (reason ``no_usage``).
+``choices[].message.content`` or ``choices[].text``, or a plain string); a
+payload without usage and without text is refused (reason ``no_usage``). A
+failed call (``status`` "failure") is never estimated: the counts it reports are
+kept, a missing one is 0 (a provider that failed the call reported no usage, and
+an estimate would bill it).
+
+Model names lose a provider prefix (LiteLLM writes ``openai/gpt-4o`` for a cache
+hit or a failed call): ``UsageEvent`` applies ``finopsd.providers.split_provider``.
 """
 
 from __future__ import annotations
@@ -152,17 +162,23 @@ def candidate(p: Mapping[str, Any], label: str) -> Candidate:
 
     input_tokens = optional_int(p, "prompt_tokens", "prompt_tokens")
     output_tokens = optional_int(p, "completion_tokens", "completion_tokens")
+    if failed:  # what the provider reported, never an estimate
+        input_tokens = input_tokens or 0
+        output_tokens = output_tokens or 0
     if input_tokens is None:
         input_tokens = count_prompt(p.get("messages"), model)
     if output_tokens is None:
         output_tokens = count_completion(response, model)
     if input_tokens is None or output_tokens is None:
-        if not failed:
-            field = "prompt_tokens" if input_tokens is None else "completion_tokens"
-            text = "messages" if input_tokens is None else "response"
-            raise Problem("no_usage", field, f"missing, and no {text} text to count it from")
-        input_tokens = input_tokens or 0
-        output_tokens = output_tokens or 0
+        field = "prompt_tokens" if input_tokens is None else "completion_tokens"
+        text = "messages" if input_tokens is None else "response"
+        raise Problem("no_usage", field, f"missing, and no {text} text to count it from")
+    cache_hit = p.get("cache_hit")
+    if cache_hit is not None and not isinstance(cache_hit, bool):
+        raise Problem("wrong_type", "cache_hit", f"expected a boolean, got {type_name(cache_hit)}")
+    cost = optional_number(p, "response_cost", "response_cost")
+    if p.get("response_cost_failure_debug_info") is not None:
+        cost = None  # LiteLLM could not price the call: its 0.0 is no figure
 
     wire: dict[str, Any] = {
         "event_id": event_id,
@@ -173,7 +189,8 @@ def candidate(p: Mapping[str, Any], label: str) -> Candidate:
         "gen_ai.usage.input_tokens": input_tokens,
         "gen_ai.usage.output_tokens": output_tokens,
         "status": "error" if failed else "ok",
-        "cost_usd": optional_number(p, "response_cost", "response_cost"),
+        "cost_usd": cost,
+        "cache_hit": cache_hit,
     }
     sources = {
         "event_id": "id",
@@ -186,6 +203,7 @@ def candidate(p: Mapping[str, Any], label: str) -> Candidate:
         "gen_ai.usage.input_tokens": "prompt_tokens",
         "gen_ai.usage.output_tokens": "completion_tokens",
         "cost_usd": "response_cost",
+        "cache_hit": "cache_hit",
     }
     # to the microsecond: the float seconds carry no more, and a difference of two
     # epoch floats would show noise in the last digits

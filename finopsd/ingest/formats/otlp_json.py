@@ -38,20 +38,31 @@ gen_ai.usage.reasoning.…           ``gen_ai.usage.reasoning.output_tokens``
 gen_ai.provider.name               ``gen_ai.provider.name``, else the older ``gen_ai.system``
 gen_ai.request.model               ``gen_ai.request.model``, else ``gen_ai.response.model``
 gen_ai.response.model              ``gen_ai.response.model``
+cache_hit                          ``litellm.cache_hit`` (a ``boolValue``; LiteLLM's
+                                   OpenTelemetry integration sets it on every span,
+                                   true for a response-cache hit). The GenAI
+                                   conventions have no attribute for a gateway's
+                                   response cache: their cache attributes count the
+                                   provider's prompt-cache tokens, read above.
 tenant / team / app / feature      the first of ``finopsd.<tag>``, ``<tag>`` found, each
                                    looked up in the span's attributes, then the
                                    resource's; ``app`` falls back to the resource's
                                    ``service.name``
 =================================  ==================================================
 
+Model names lose a provider prefix (``openai/gpt-4o``, as LiteLLM's spans name the
+requested model): ``UsageEvent`` applies ``finopsd.providers.split_provider``.
+
 Token counts must be ``intValue`` (a ``doubleValue`` with no fraction is taken
 too). A missing count is estimated with tiktoken (``finopsd.tokens``) from
 ``gen_ai.input.messages`` plus ``gen_ai.system_instructions`` (input) or
 ``gen_ai.output.messages`` (output), in the structured form or as a JSON string,
 following the GenAI input/output message schemas (text parts only). A span
-still without counts is refused (reason ``no_usage``), except that a failed
-span (status ERROR) is stored with 0 for what is missing, and an
-``embeddings`` span with 0 output tokens.
+still without counts is refused (reason ``no_usage``), except an ``embeddings``
+span, stored with 0 output tokens. A failed span (status ERROR) is never
+estimated: the counts it carries are kept, a missing one is 0 (the provider
+reported no usage for it, and an estimate from its captured messages would bill
+a call that failed).
 
 A record is refused as a whole (dead-letter topic) when it is not JSON, not an
 object, has no ``resourceSpans`` array, or its envelopes are malformed. A
@@ -89,6 +100,7 @@ OUTPUT_TOKENS = ("gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")
 CACHE_READ_TOKENS = ("gen_ai.usage.cache_read.input_tokens",)
 CACHE_CREATION_TOKENS = ("gen_ai.usage.cache_creation.input_tokens",)
 REASONING_TOKENS = ("gen_ai.usage.reasoning.output_tokens",)
+CACHE_HIT = ("litellm.cache_hit",)
 PROVIDER = ("gen_ai.provider.name", "gen_ai.system")
 REQUEST_MODEL = ("gen_ai.request.model",)
 RESPONSE_MODEL = ("gen_ai.response.model",)
@@ -202,6 +214,9 @@ class OtlpJsonDecoder(RecordDecoder):
         ):
             counts[wire] = int_attr(attrs, keys)
             sources[wire] = next((k for k in keys if k in attrs), keys[0])
+        for wire in ("gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"):
+            if failed and counts[wire] is None:  # as reported, never estimated
+                counts[wire] = 0
         if counts["gen_ai.usage.input_tokens"] is None:
             counts["gen_ai.usage.input_tokens"] = count_input(attrs, model)
         if counts["gen_ai.usage.output_tokens"] is None:
@@ -214,10 +229,7 @@ class OtlpJsonDecoder(RecordDecoder):
         if operation == "embeddings" and missing == ["gen_ai.usage.output_tokens"]:
             counts["gen_ai.usage.output_tokens"] = 0
             missing = []
-        if missing and failed:
-            for wire in missing:
-                counts[wire] = 0
-        elif missing:
+        if missing:
             texts = {
                 "gen_ai.usage.input_tokens": INPUT_MESSAGES,
                 "gen_ai.usage.output_tokens": OUTPUT_MESSAGES,
@@ -237,9 +249,11 @@ class OtlpJsonDecoder(RecordDecoder):
             "gen_ai.request.model": model,
             "gen_ai.response.model": response_model,
             "status": "error" if failed else "ok",
+            "cache_hit": bool_attr(attrs, CACHE_HIT),
             **counts,
         }
         sources["gen_ai.provider.name"] = next((k for k in PROVIDER if k in attrs), PROVIDER[0])
+        sources["cache_hit"] = CACHE_HIT[0]
         if end is not None:
             if end < start:
                 raise Problem("invalid_value", "endTimeUnixNano", "is before startTimeUnixNano")
@@ -374,6 +388,17 @@ def int_attr(attrs: Attrs, keys: tuple[str, ...]) -> int | None:
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise Problem("wrong_type", where, f"expected an intValue, got {_kind(attrs[where][0])}")
+    return value
+
+
+def bool_attr(attrs: Attrs, keys: tuple[str, ...]) -> bool | None:
+    """The first of ``keys`` present, as a boolean (``boolValue``)."""
+    found = _first(attrs, keys)
+    if found is None:
+        return None
+    value, where = found
+    if not isinstance(value, bool):
+        raise Problem("wrong_type", where, f"expected a boolValue, got {_kind(attrs[where][0])}")
     return value
 
 
