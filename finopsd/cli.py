@@ -342,7 +342,11 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     try:
         with Store(settings.store.path) as store:
             runs = run_analyzers(
-                store, PriceBook.from_settings(settings.pricing), analyzers, window_days=window_days
+                store,
+                PriceBook.from_settings(settings.pricing),
+                analyzers,
+                window_days=window_days,
+                min_evidence_hours=settings.analyzers.min_evidence_hours,
             )
     except StoreError as exc:
         msg = str(exc)

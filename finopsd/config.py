@@ -198,6 +198,12 @@ class AnalyzersSettings(_Section):
         60, gt=0, le=366 * 24 * 60, description="how often the daemon runs them"
     )
     window_days: float = Field(30, gt=0, le=366, description="how far back each run looks")
+    min_evidence_hours: float = Field(
+        24,
+        ge=0,
+        le=366 * 24,
+        description="a finding whose traffic spans less is provisional: shown, never acted on",
+    )
     first_run_delay_s: float = Field(
         60, ge=0, le=86_400, description="after daemon start, before the first runs"
     )

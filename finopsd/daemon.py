@@ -155,6 +155,7 @@ class AnalyzerScheduler:
         self.store = store
         self.prices = prices
         self.window_days = settings.analyzers.window_days
+        self.min_evidence_hours = settings.analyzers.min_evidence_hours
         self.scheduler = BackgroundScheduler(
             timezone=UTC, executors={"default": ThreadPoolExecutor(max_workers=1)}
         )
@@ -177,7 +178,13 @@ class AnalyzerScheduler:
     def _run(self, analyzer: Any) -> None:
         from finopsd.analyzers.runner import run_analyzers
 
-        (run,) = run_analyzers(self.store, self.prices, [analyzer], window_days=self.window_days)
+        (run,) = run_analyzers(
+            self.store,
+            self.prices,
+            [analyzer],
+            window_days=self.window_days,
+            min_evidence_hours=self.min_evidence_hours,
+        )
         if run.error is None:
             log.info(
                 "analyzer %s: %d finding(s) in %.2fs", run.name, len(run.findings), run.seconds

@@ -466,6 +466,43 @@ MIGRATIONS: list[tuple[str, str]] = [
         DELETE FROM rollup_state WHERE name IN ('caching', 'caching.since');
         """,
     ),
+    (
+        "findings: the evidence a finding stands on, provisional, the savings interval",
+        """
+        CREATE TABLE findings_v6 AS SELECT * FROM findings;
+        DROP TABLE findings;
+        CREATE TABLE findings (
+            id VARCHAR PRIMARY KEY,
+            analyzer VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,
+            scope JSON NOT NULL,
+            title VARCHAR NOT NULL,
+            evidence JSON NOT NULL,
+            window_start TIMESTAMPTZ NOT NULL,
+            window_end TIMESTAMPTZ NOT NULL,
+            monthly_savings_usd DOUBLE NOT NULL,
+            savings_method VARCHAR NOT NULL,
+            confidence DOUBLE NOT NULL,
+            risk VARCHAR NOT NULL,
+            action JSON,
+            first_seen TIMESTAMPTZ NOT NULL,
+            last_seen TIMESTAMPTZ NOT NULL,
+            times_seen INTEGER NOT NULL,
+            status VARCHAR NOT NULL,
+            monthly_savings_low_usd DOUBLE NOT NULL,  -- the projection's interval
+            monthly_savings_high_usd DOUBLE NOT NULL,
+            evidence_hours DOUBLE NOT NULL,  -- span of the traffic the figure stands on
+            evidence_requests BIGINT NOT NULL,
+            provisional BOOLEAN NOT NULL  -- short evidence: shown, never acted on
+        );
+        INSERT INTO findings BY NAME
+        SELECT *, monthly_savings_usd AS monthly_savings_low_usd,
+               monthly_savings_usd AS monthly_savings_high_usd,
+               0.0 AS evidence_hours, 0 AS evidence_requests, true AS provisional
+        FROM findings_v6;  -- evidence not recorded before: provisional until found again
+        DROP TABLE findings_v6;
+        """,
+    ),
 ]
 """Schema migrations, applied in order; a migration's version is its position + 1.
 Never edit a released migration: append a new one.

@@ -5,6 +5,11 @@ turn; an analyzer that fails is reported and the others still run. Its
 findings are upserted by id in one transaction (first_seen kept, last_seen and
 times_seen advanced); a finding of that analyzer not found again is marked
 ``resolved``. Every run is recorded in ``analyzer_runs``.
+
+Before a finding is stored it is judged on its evidence (``base.judge_evidence``
+with ``min_evidence_hours`` and the analyzer's ``min_requests``): the
+``provisional`` column says whether the actions layer may act on it
+(only ``provisional = false`` rows are eligible).
 """
 
 from __future__ import annotations
@@ -22,7 +27,16 @@ from typing import Any
 import duckdb
 from pydantic import ValidationError
 
-from finopsd.analyzers.base import ANALYZERS, Analyzer, Context, Finding, Options, Window
+from finopsd.analyzers.base import (
+    ANALYZERS,
+    MIN_EVIDENCE_HOURS,
+    Analyzer,
+    Context,
+    Finding,
+    Options,
+    Window,
+    judge_evidence,
+)
 from finopsd.pricing import PriceBook
 from finopsd.store import Store
 
@@ -85,8 +99,13 @@ def run_analyzers(
     *,
     window_days: float = 30.0,
     now: datetime | None = None,
+    min_evidence_hours: float = MIN_EVIDENCE_HOURS,
 ) -> list[AnalyzerRun]:
-    """Run ``analyzers`` over the last ``window_days`` before ``now`` and store their findings."""
+    """Run ``analyzers`` over the last ``window_days`` before ``now`` and store their findings.
+
+    ``min_evidence_hours`` (``analyzers.min_evidence_hours``): a finding whose
+    evidence spans less is provisional.
+    """
     now = (now or datetime.now(UTC)).astimezone(UTC)
     window = Window(now - timedelta(days=window_days), now)
     runs = []
@@ -96,9 +115,11 @@ def run_analyzers(
         store.write(refresh)  # the rollups every other analyzer reads
     for analyzer in analyzers:
         started = time.perf_counter()
-        ctx = Context(store.cursor(), window, now, prices, store.write)
+        ctx = Context(store.cursor(), window, now, prices, store.write, min_evidence_hours)
         try:
             findings = analyzer.run(ctx)
+            for f in findings:
+                judge_evidence(f, min_evidence_hours, analyzer.required_requests)
             error = None
         except Exception as exc:  # one analyzer's failure never stops the others
             log.error("analyzer %s failed: %s", analyzer.name, exc, exc_info=log.isEnabledFor(10))
@@ -124,7 +145,13 @@ def _record(
         evidence = {**f.evidence, "window": window.as_dict()}
         con.execute(
             """
-            INSERT INTO findings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 'open')
+            INSERT INTO findings (
+                id, analyzer, kind, scope, title, evidence, window_start, window_end,
+                monthly_savings_usd, savings_method, confidence, risk, action,
+                first_seen, last_seen, times_seen, status,
+                monthly_savings_low_usd, monthly_savings_high_usd,
+                evidence_hours, evidence_requests, provisional
+            ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 'open', ?, ?, ?, ?, ?)
             ON CONFLICT (id) DO UPDATE SET
                 title = excluded.title, evidence = excluded.evidence,
                 window_start = excluded.window_start, window_end = excluded.window_end,
@@ -132,7 +159,12 @@ def _record(
                 savings_method = excluded.savings_method, confidence = excluded.confidence,
                 risk = excluded.risk, action = excluded.action,
                 last_seen = excluded.last_seen, times_seen = findings.times_seen + 1,
-                status = 'open'
+                status = 'open',
+                monthly_savings_low_usd = excluded.monthly_savings_low_usd,
+                monthly_savings_high_usd = excluded.monthly_savings_high_usd,
+                evidence_hours = excluded.evidence_hours,
+                evidence_requests = excluded.evidence_requests,
+                provisional = excluded.provisional
             """,
             [
                 f.id,
@@ -150,6 +182,11 @@ def _record(
                 json.dumps(f.action.as_dict()) if f.action else None,
                 now,
                 now,
+                float(f.monthly_savings_low_usd or 0.0),
+                float(f.monthly_savings_high_usd or 0.0),
+                float(f.evidence_hours),
+                int(f.evidence_requests),
+                bool(f.provisional),
             ],
         )
     seen = [f.id for f in run.findings]
@@ -163,7 +200,9 @@ def _record(
 def stored_findings(
     con: duckdb.DuckDBPyConnection, *, analyzer: str | None = None, status: str = "open"
 ) -> list[dict[str, Any]]:
-    """Findings as dicts, the largest monthly saving first."""
+    """Findings as dicts (every column of ``findings``), the largest monthly saving first.
+
+    ``eligible_for_action`` is added: an action and not provisional."""
     sql = "SELECT * FROM findings WHERE status = ?"
     params: list[Any] = [status]
     if analyzer is not None:
@@ -177,5 +216,6 @@ def stored_findings(
         for key in ("scope", "evidence", "action"):
             if isinstance(item[key], str):
                 item[key] = json.loads(item[key])
+        item["eligible_for_action"] = item["action"] is not None and not item["provisional"]
         out.append(item)
     return out
