@@ -383,26 +383,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _print_findings(findings: list[Any], runs: list[Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    """Blocks in a narrow terminal, a table in a wide one: ``finopsd.reports.findings_text``."""
+    from finopsd.reports import findings_text
 
-    console = Console()
-    table = Table(title=f"{len(findings)} finding(s), largest saving first")
-    table.add_column("saving $/month", justify="right", no_wrap=True)
-    table.add_column("kind", no_wrap=True)
-    table.add_column("scope")
-    table.add_column("conf.", justify="right", no_wrap=True)
-    table.add_column("risk", no_wrap=True)
-    table.add_column("what", ratio=1)
-    for f in findings:
-        scope = ", ".join(f"{k}={v}" for k, v in f.scope.items())
-        table.add_row(
-            f"{f.monthly_savings_usd:,.2f}", f.kind, scope, f"{f.confidence:.2f}", f.risk, f.title
-        )
-    console.print(table)
-    for r in runs:
-        status = f"failed: {r.error}" if r.error else f"{len(r.findings)} finding(s)"
-        console.print(f"  {r.name}: {status} in {r.seconds:.2f}s")
+    encoding = (getattr(sys.stdout, "encoding", None) or "").lower().replace("-", "")
+    text = findings_text.render(
+        findings, runs, findings_text.terminal_width(), ascii_only=encoding != "utf8"
+    )
+    sys.stdout.write(text)
+    sys.stdout.flush()
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
