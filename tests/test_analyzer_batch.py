@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from finopsd.analyzers.base import DAYS_PER_MONTH, Finding
+from finopsd.analyzers.base import DAYS_PER_MONTH, HOURS_PER_MONTH, Finding
 from finopsd.analyzers.runner import build, run_analyzers, stored_findings
 from finopsd.pricing import Price, PriceBook
 from finopsd.store import Store
@@ -115,8 +115,9 @@ def run(store: Store, now: datetime = NOW, **options: Any) -> list[Finding]:
     return result.findings
 
 
-def per_month(window_usd: float) -> float:
-    return window_usd / 30.0 * DAYS_PER_MONTH  # the runner's window: 30 days
+def per_month(saved_usd: float, days: float) -> float:
+    """A saving seen over ``days`` of traffic, per month (not over the 30-day window)."""
+    return saved_usd / days * DAYS_PER_MONTH
 
 
 def test_batch_labelled_standard_traffic(tmp_path: Path) -> None:
@@ -137,9 +138,42 @@ def test_batch_labelled_standard_traffic(tmp_path: Path) -> None:
     assert f.evidence["cost_usd"] == pytest.approx(0.2)
     assert f.evidence["batch_discount"] == 0.5
     assert f.evidence["window_savings_usd"] == pytest.approx(0.1)
-    assert f.monthly_savings_usd == pytest.approx(per_month(0.1))
+    # 10 requests in 10 hours: provisional, the rate taken over min_evidence_hours (24)
+    assert (f.evidence_hours, f.evidence_requests, f.provisional) == (10.0, 10, True)
+    assert f.title.endswith("(provisional: 10 h of traffic, 10 requests)")
+    assert f.monthly_savings_usd == pytest.approx(0.1 / 24 * HOURS_PER_MONTH)
+    assert f.monthly_savings_low_usd == 0.0
+    assert f.monthly_savings_high_usd == pytest.approx(0.1 / 10 * HOURS_PER_MONTH)
     assert f.action is not None and f.action.actuator == "provider.batch"
     assert f.action.params["match"] == f.scope and f.risk == "low"
+
+
+def test_a_week_of_batch_traffic_is_projected_over_the_week(tmp_path: Path) -> None:
+    """Seven days of latency-tolerant traffic at synchronous prices, read with the 30-day
+    window: the week's saving over 7 days, per month (the window gave 7/30 of it), within
+    its interval, and not provisional."""
+    start = NOW - timedelta(days=7)
+    rows = [
+        row(
+            i,
+            start + timedelta(minutes=10 * i + 3),
+            0.02 + 0.01 * (i % 5),
+            app="etl",
+            feature="extract",
+            latency_class="batch",
+        )
+        for i in range(7 * 24 * 6)
+    ]
+    saved = sum(r["cost_usd"] for r in rows) * 0.5
+    by_hand = saved / 7 * DAYS_PER_MONTH
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, rows)
+        (f,) = run(store)
+    assert f.monthly_savings_usd == pytest.approx(by_hand, rel=0.02)
+    assert f.monthly_savings_low_usd <= by_hand <= f.monthly_savings_high_usd
+    assert f.evidence_hours == pytest.approx(7 * 24, abs=1)
+    assert f.evidence_requests == len(rows) and not f.provisional
+    assert f.eligible_for_action and "provisional" not in f.title
 
 
 def test_recurring_offhours_burst_found_one_off_not(tmp_path: Path) -> None:
@@ -157,7 +191,10 @@ def test_recurring_offhours_burst_found_one_off_not(tmp_path: Path) -> None:
     excess = 10 * (1.0 - 0.01)
     assert burst["excess_usd"] == pytest.approx(excess)
     assert burst["batch_discount"] == 0.5
-    assert f.monthly_savings_usd == pytest.approx(per_month(excess * 0.5))
+    # ten days of the app's traffic: the saving over ten days, per month
+    assert f.evidence_hours == 240.0
+    assert f.monthly_savings_usd == pytest.approx(per_month(excess * 0.5, 10))
+    assert f.monthly_savings_low_usd <= f.monthly_savings_usd <= f.monthly_savings_high_usd
     assert f.risk == "medium" and f.confidence < 0.9
     assert f.action is not None and f.action.params["hours_utc"] == [2]
 

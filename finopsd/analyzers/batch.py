@@ -10,10 +10,11 @@ the hours with events ingested or self-hosted hours settled since the last.
   ``latency_class = 'batch'`` but sent to the synchronous API
   (``billing_mode = 'standard'``), per tenant × app × feature × provider ×
   model, on a model whose current price (the one in effect at the run's
-  ``now``) has a ``batch_discount``. The saving is that traffic's cost in the
-  window times the discount, projected to a month: what the same requests
-  would have cost through the provider's batch API. Self-hosted or unpriced
-  models have no discount and give no finding.
+  ``now``) has a ``batch_discount``. The saving is that traffic's cost times
+  the discount, per hour, projected to a month over the span from the scope's
+  first to its last hour of such traffic (``base.project``): what the same
+  requests would have cost through the provider's batch API. Self-hosted or
+  unpriced models have no discount and give no finding.
 - ``batch.offhours_burst`` — a recurring off-hours burst of
   ``interactive``-labelled, standard-billed traffic: per tenant × app, an
   hour of day in ``hours`` (UTC) whose spend exceeds ``burst_ratio`` × the
@@ -24,7 +25,8 @@ the hours with events ingested or self-hosted hours settled since the last.
   need an answer within seconds. The saving is the bursts' excess over the
   daytime median (the scheduled part; the median is taken to be genuine
   interactive use), summed over the burst days, times the batch discount
-  weighted by the models that hour's traffic used, projected to a month. The
+  weighted by the models that hour's traffic used, per day, projected to a
+  month over the days from the app's first to its last day with traffic. The
   label says interactive, so confidence is lower and the risk medium. (Which
   models a burst hour used is read from ``spend_hourly``, only for the tenants
   and apps with a recurring burst.)
@@ -57,7 +59,7 @@ from finopsd.analyzers.base import (
     Context,
     Finding,
     Options,
-    monthly,
+    dense_hours,
     register,
 )
 
@@ -143,6 +145,7 @@ class Batch(Analyzer):
         rows = ctx.con.execute(
             """
             SELECT tenant, app, feature, provider, model, deployment,
+                   epoch(hour)::BIGINT // 3600 AS h,
                    sum(requests)::BIGINT, sum(cost_usd), sum(unpriced_requests)::BIGINT
             FROM batch_hourly
             WHERE hour >= $start AND hour < $end AND latency_class = 'batch'
@@ -152,23 +155,27 @@ class Batch(Analyzer):
         ).fetchall()
         today = ctx.now.astimezone(UTC).date()
         merged: dict[tuple[str, ...], dict[str, Any]] = {}
-        for tenant, app, feature, provider, model, deployment, requests, cost, unpriced in rows:
+        for tenant, app, feature, provider, model, deployment, h, requests, cost, unpriced in rows:
             price = price_now(ctx.prices, provider, model, deployment, today)
             if price is None or price.batch_discount <= 0:
                 continue
             key = (tag(tenant), tag(app), tag(feature), tag(provider), model)
             acc = merged.setdefault(
                 key,
-                {"requests": 0, "cost": 0.0, "unpriced": 0, "price": price},
+                {"requests": 0, "cost": 0.0, "unpriced": 0, "price": price, "hours": []},
             )
             acc["requests"] += int(requests)
             acc["cost"] += float(cost)
             acc["unpriced"] += int(unpriced)
+            acc["hours"].append((int(h), float(cost)))
         findings = []
         for (tenant, app, feature, provider, model), acc in sorted(merged.items()):
             price = acc["price"]
             saved = acc["cost"] * price.batch_discount
-            monthly_usd = monthly(saved, ctx.window)
+            projection = ctx.project(
+                [c * price.batch_discount for c in dense_hours(acc["hours"])], 1.0
+            )
+            monthly_usd = projection.monthly_usd
             if monthly_usd <= 0 or monthly_usd < opts.min_monthly_savings_usd:
                 continue
             scope = {
@@ -179,7 +186,8 @@ class Batch(Analyzer):
                 "model": model,
             }
             findings.append(
-                Finding(
+                self.finding(
+                    ctx,
                     kind="batch.latency_tolerant",
                     scope=scope,
                     title=(
@@ -195,10 +203,12 @@ class Batch(Analyzer):
                         "price_id": price.price_id,
                         "window_savings_usd": saved,
                     },
-                    monthly_savings_usd=monthly_usd,
+                    projection=projection,
+                    requests=acc["requests"],
                     savings_method=(
-                        "cost in the window of batch-labelled, standard-billed traffic times "
-                        "the model's current batch discount, projected to a month"
+                        "cost of batch-labelled, standard-billed traffic times the model's "
+                        "current batch discount, per hour, projected to a month over the hours "
+                        "from its first to its last such request"
                     ),
                     confidence=0.9,
                     risk="low",
@@ -222,7 +232,8 @@ class Batch(Analyzer):
         data = ctx.con.execute(
             """
             SELECT coalesce(tenant, $none) AS tenant, coalesce(app, $none) AS app,
-                   epoch(hour)::BIGINT // 3600 AS h, sum(cost_usd) AS cost
+                   epoch(hour)::BIGINT // 3600 AS h, sum(cost_usd) AS cost,
+                   sum(requests)::BIGINT AS requests
             FROM batch_hourly
             WHERE hour >= $start AND hour < $end AND latency_class = 'interactive'
             GROUP BY ALL
@@ -245,11 +256,16 @@ class Batch(Analyzer):
         apps = data["app"].astype(str)
         hours = np.asarray(data["h"], dtype=np.int64)
         costs = np.asarray(data["cost"], dtype=float)
+        requests = np.asarray(data["requests"], dtype=np.int64)
         keys = np.char.add(np.char.add(tenants, "\x00"), apps)
         _, starts = np.unique(keys, return_index=True)
         bounds = [*sorted(starts.tolist()), len(keys)]
 
-        candidates: list[tuple[str, str, list[dict[str, Any]]]] = []
+        # (tenant, app, bursts, per burst (hour of day, excess per day over the days from the
+        # app's first to its last day with traffic), the app's requests)
+        candidates: list[
+            tuple[str, str, list[dict[str, Any]], list[tuple[int, np.ndarray]], int]
+        ] = []
         for lo, hi in itertools.pairwise(bounds):
             grid = np.zeros((n_days, 24))
             h = hours[lo:hi]
@@ -258,6 +274,9 @@ class Batch(Analyzer):
             if int(active.sum()) < opts.min_days:
                 continue
             usable = in_window & active[:, None]
+            first_day = int(np.argmax(active))
+            last_day = n_days - 1 - int(np.argmax(active[::-1]))
+            daily = []
             daytime = grid[:, ~off][usable[:, ~off]]
             median = float(np.median(daytime)) if daytime.size else 0.0
             bursts = []
@@ -271,6 +290,9 @@ class Batch(Analyzer):
                 share = float(hit.sum()) / n
                 if share < opts.min_day_share:
                     continue
+                excess = np.zeros(n_days)
+                excess[np.flatnonzero(days)[hit]] = values[hit] - median
+                daily.append((hod, excess[first_day : last_day + 1]))
                 bursts.append(
                     {
                         "hour_utc": hod,
@@ -283,23 +305,28 @@ class Batch(Analyzer):
                     }
                 )
             if bursts:
-                candidates.append((str(tenants[lo]), str(apps[lo]), bursts))
+                n_requests = int(requests[lo:hi].sum())
+                candidates.append((str(tenants[lo]), str(apps[lo]), bursts, daily, n_requests))
         if not candidates:
             return []
-        discounts = self._hour_discounts(ctx, opts, {(t, a) for t, a, _ in candidates})
+        discounts = self._hour_discounts(ctx, opts, {(c[0], c[1]) for c in candidates})
         findings = []
-        for tenant, app, bursts in candidates:
+        for tenant, app, bursts, daily, requests in candidates:
             saved = 0.0
-            for b in bursts:
-                b["batch_discount"] = discounts.get((tenant, app, b["hour_utc"]), 0.0)
+            per_day = np.zeros_like(daily[0][1])
+            for b, (hod, excess) in zip(bursts, daily, strict=True):
+                b["batch_discount"] = discounts.get((tenant, app, hod), 0.0)
                 saved += b["excess_usd"] * b["batch_discount"]
-            monthly_usd = monthly(saved, ctx.window)
+                per_day += excess * b["batch_discount"]
+            projection = ctx.project(per_day.tolist(), 24.0)
+            monthly_usd = projection.monthly_usd
             if monthly_usd <= 0 or monthly_usd < opts.min_monthly_savings_usd:
                 continue
             hours_utc = [b["hour_utc"] for b in bursts]
             mean_share = sum(b["share"] for b in bursts) / len(bursts)
             findings.append(
-                Finding(
+                self.finding(
+                    ctx,
                     kind="batch.offhours_burst",
                     scope={"tenant": tenant, "app": app},
                     title=(
@@ -315,11 +342,13 @@ class Batch(Analyzer):
                         "min_day_share": opts.min_day_share,
                         "window_savings_usd": saved,
                     },
-                    monthly_savings_usd=monthly_usd,
+                    projection=projection,
+                    requests=requests,
                     savings_method=(
                         "excess of each recurring off-hours burst over the app's daytime median "
-                        "hourly spend, summed over the burst days, times the spend-weighted batch "
-                        "discount of that hour's models, projected to a month"
+                        "hourly spend, times the spend-weighted batch discount of that hour's "
+                        "models, per day, projected to a month over the days from the app's "
+                        "first to its last day with traffic"
                     ),
                     confidence=round(0.3 + 0.3 * mean_share, 3),
                     risk="medium",
