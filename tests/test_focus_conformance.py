@@ -388,6 +388,12 @@ def test_a_long_context_tier_row_gets_the_tiers_price(tmp_path: Path) -> None:
         (True, "output tokens"): 22.5,
     }
     assert focus.derived_unit_prices(table) == {}
+    # a tier is a price of its own: one unit price per SkuPriceId
+    sku_prices = {}
+    for r in table.to_pylist():
+        sku_prices.setdefault(r["SkuPriceId"], set()).add(r["ListUnitPrice"])
+    assert all(len(v) == 1 for v in sku_prices.values()), sku_prices
+    assert any(k.startswith("anthropic/claude-sonnet-4-5>200000/") for k in sku_prices)
 
 
 @pytest.mark.parametrize(

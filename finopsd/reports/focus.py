@@ -67,8 +67,9 @@ condition holds for LLM usage (ConsumedQuantity/Unit, ContractedUnitPrice,
 ListUnitPrice, ResourceId/Name/Type, SkuId, SkuMeter, SkuPriceDetails,
 SkuPriceId, SubAccountId/Name, Tags); of the Recommended ones ChargeFrequency,
 InvoiceId and ServiceSubcategory. ``SkuPriceId`` leaves out the price's
-effective date (the spec wants it constant over time); the full ``price_id`` is
-in ``x_PriceId``.
+effective date (the spec wants it constant over time) but keeps its tier
+(``>200000``: above 200k input tokens) and time of day (``~0030-1630Z``), which
+are distinct prices; the full ``price_id`` is in ``x_PriceId``.
 """
 
 from __future__ import annotations
@@ -360,6 +361,8 @@ usage_rows AS (
     SELECT
         a.*,
         regexp_replace(a.price_id, '@[^@/]*$', '') AS sku_id,
+        -- the price without its date, with its tier (>N) and time of day (~HHMM-HHMMZ)
+        regexp_replace(a.price_id, '@[^@/~>]*', '') AS sku_price_base,
         CASE WHEN a.{sh} THEN '{SELF_HOSTED_PROVIDER}'
              ELSE coalesce(p.provider_name, a.provider, 'unknown') END AS provider_name,
         CASE WHEN a.{sh} THEN '{SELF_HOSTED_SERVICE}'
@@ -424,7 +427,7 @@ SELECT
     json_object({_token_type_sql("slug")},
         'x_PricingBasis', CASE WHEN {sh} THEN '{BASIS_SELF_HOSTED}' ELSE '{BASIS_PRICE_LIST}' END
     )::VARCHAR AS SkuPriceDetails,
-    sku_id || '/' || slug AS SkuPriceId,
+    sku_price_base || '/' || slug AS SkuPriceId,
     tenant AS SubAccountId,
     tenant AS SubAccountName,
     {tags} AS Tags,
