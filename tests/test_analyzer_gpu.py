@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from finopsd.analyzers.base import DAYS_PER_MONTH, Finding
+from finopsd.analyzers.base import HOURS_PER_MONTH, Finding
 from finopsd.analyzers.runner import build, run_analyzers, stored_findings
 from finopsd.pricing import Deployment, Price, PriceBook, settle_self_hosted
 from finopsd.store import Store
@@ -32,8 +32,10 @@ API = [
 ]
 
 
-def per_month(window_amount: float) -> float:
-    return window_amount / WINDOW_DAYS * DAYS_PER_MONTH
+def per_month(saved: float, hours: float) -> float:
+    """A saving over ``hours`` of a deployment's evidence, per month (not over the window);
+    under 24 hours (analyzers.min_evidence_hours) the rate is taken over 24."""
+    return saved / max(hours, 24.0) * HOURS_PER_MONTH
 
 
 def book(*deployments: Deployment) -> PriceBook:
@@ -203,8 +205,11 @@ def test_underused_deployment_scales_down(tmp_path: Path) -> None:
         assert ev["gpus"] == 4 and ev["gpus_needed"] == 2 and ev["gpus_seen_in_samples"] == 4
         assert ev["p95_utilization_after_pct"] == pytest.approx(70.0)
         assert ev["hours_up"] == 100
-        # 2 GPUs freed x $2/h x 100 hours up in the 30-day window, per month
-        assert f.monthly_savings_usd == pytest.approx(per_month(2 * 2.0 * 100))
+        # 2 GPUs freed x $2/h in each of 100 hours up, over those 100 hours, per month
+        assert f.monthly_savings_usd == pytest.approx(per_month(2 * 2.0 * 100, 100))
+        assert f.monthly_savings_usd == pytest.approx(2 * 2.0 * HOURS_PER_MONTH)
+        assert (f.evidence_hours, f.provisional) == (100.0, False)
+        assert f.monthly_savings_low_usd == f.monthly_savings_high_usd == f.monthly_savings_usd
         assert f.action is not None
         assert f.action.actuator == "vllm.scale"
         assert f.action.params == {"deployment": "llama-70b", "gpus": 2}
@@ -230,7 +235,7 @@ def test_underused_threshold_options_and_replica_size(tmp_path: Path) -> None:
         # a 50 % target: ceil(4 x 35 / 50) = 3
         (f,) = run(store, prices, target_util_pct=50.0)
         assert f.evidence["gpus_needed"] == 3
-        assert f.monthly_savings_usd == pytest.approx(per_month(1 * 2.0 * 100))
+        assert f.monthly_savings_usd == pytest.approx(per_month(1 * 2.0 * 100, 100))
         # fewer hours of samples than min_hours: no judgement
         assert run(store, prices, min_hours=101) == []
 
@@ -255,7 +260,10 @@ def test_gpu_rollup_is_incremental(tmp_path: Path) -> None:
         want = run(b, prices)
         assert [f.id for f in got] == [f.id for f in want]
         for f, w in zip(got, want, strict=True):  # sums in another order: float rounding
-            assert f.evidence == pytest.approx(w.evidence)
+            assert {k: v for k, v in f.evidence.items() if k != "projection"} == pytest.approx(
+                {k: v for k, v in w.evidence.items() if k != "projection"}
+            )
+            assert f.evidence["projection"] == pytest.approx(w.evidence["projection"])
             assert f.monthly_savings_usd == pytest.approx(w.monthly_savings_usd)
         query = "SELECT * FROM gpu_hourly ORDER BY deployment, hour, host, gpu_index"
         rows_a, rows_b = (s.cursor().execute(query).fetchall() for s in (a, b))
@@ -327,7 +335,7 @@ def test_saturated_deployment_suggests_a_quantised_variant(tmp_path: Path) -> No
         assert f.evidence["signals"] == ["memory"]
         # ceil(4 / 1.6) = 3 GPUs: one freed, $3/h, 50 hours up
         assert f.evidence["gpus_needed"] == 3
-        assert f.monthly_savings_usd == pytest.approx(per_month(1 * 3.0 * 50))
+        assert f.monthly_savings_usd == pytest.approx(per_month(1 * 3.0 * 50, 50))
         assert f.action is not None and f.action.actuator == "vllm.quantize"
         assert f.action.params == {
             "deployment": "qwen-32b",
@@ -343,7 +351,7 @@ def test_saturated_deployment_suggests_a_quantised_variant(tmp_path: Path) -> No
         assert g.evidence["busy_memory_ratio"] == pytest.approx(0.5)
         # ceil(8 / 1.6) = 5, in replicas of 2 -> 6: two freed at $2.5/h for 50 hours
         assert g.evidence["gpus_needed"] == 6
-        assert g.monthly_savings_usd == pytest.approx(per_month(2 * 2.5 * 50))
+        assert g.monthly_savings_usd == pytest.approx(per_month(2 * 2.5 * 50, 50))
         assert g.action is not None and g.action.params["variant"] is None
 
         # a smaller capacity gain frees nothing on qwen (ceil(4 / 1.2) = 4)
@@ -390,7 +398,10 @@ def test_api_cheaper_than_a_half_idle_deployment(tmp_path: Path) -> None:
         assert ev["break_even_tokens_per_hour"] == pytest.approx(2.0 / 0.225e-6)
         assert ev["mean_utilization_pct"] == pytest.approx(30.0)
         assert ev["break_even_utilization_pct"] == pytest.approx(30.0 * (2.0 / 0.225e-6) / 5e5)
-        assert f.monthly_savings_usd == pytest.approx(per_month((4.0 - 0.225) * 6))
+        # 12 settled hours: provisional, the rate taken over 24 hours
+        assert f.monthly_savings_usd == pytest.approx(per_month((4.0 - 0.225) * 6, 12))
+        assert f.provisional and f.evidence_hours == 12.0 and f.evidence_requests == 100
+        assert f.monthly_savings_high_usd == pytest.approx((4.0 - 0.225) * 6 / 12 * 730.5)
         assert f.risk == "medium"
         assert f.action is not None and f.action.actuator == "gateway.route"
         assert f.action.params == {
@@ -420,13 +431,14 @@ def test_api_comparison_counts_cache_reads_at_the_cached_price(tmp_path: Path) -
         schema = EVENT_SCHEMA.append(pa.field("cache_read_input_tokens", pa.int64()))
         insert(store, "usage_events", rows, schema)
         settle(store, prices)
-        assert run(store, prices) == []  # $1.60 a month: below min_monthly_savings_usd
+        # $1.58 over 4 hours, taken over 24 (provisional): $48.09 a month
+        assert run(store, prices, min_monthly_savings_usd=50.0) == []
         (f,) = run(store, prices, min_monthly_savings_usd=1.0)
         # 4M input of which 2.4M cached: 1.6 x 0.15 + 2.4 x 0.075 = $0.42 for 4M tokens
         assert f.evidence["api_usd_per_mtok"]["openai/gpt-4o-mini"] == pytest.approx(0.42 / 4)
         # self-hosted: 4 hours x $0.5 = $2 for 4M tokens = $0.5 per 1M
         assert f.evidence["self_hosted_usd_per_mtok"] == pytest.approx(0.5)
-        assert f.monthly_savings_usd == pytest.approx(per_month((0.5 - 0.105) * 4))
+        assert f.monthly_savings_usd == pytest.approx(per_month((0.5 - 0.105) * 4, 4))
 
 
 def test_no_deployments_no_findings(tmp_path: Path) -> None:

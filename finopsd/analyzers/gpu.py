@@ -8,16 +8,17 @@ or settled in ``deployment_hours``, which give its GPU count and GPU-hour price)
   ``underused_util_pct`` in at least ``underused_hours_share`` of its hours.
   GPUs needed = ceil(gpus x p95 hourly utilisation / ``target_util_pct``)
   (rounded up to the deployment's ``gpu_multiple``, at least one replica);
-  saving = (gpus - needed) x GPU-hour price x the deployment's hours up in
-  the window, projected to a month. Action ``vllm.scale {deployment, gpus}``.
+  saving = (gpus - needed) x GPU-hour price in every hour the deployment was
+  up, projected to a month over the span from its first to its last hour up
+  (``base.project``). Action ``vllm.scale {deployment, gpus}``.
 - ``gpu.saturated`` — p95 hourly utilisation >= ``saturation_util_pct`` and,
   in those busy hours, either mean memory use (used / total) >=
   ``saturation_memory_ratio`` or the deployment's latency per output token
   (``spend_hourly``: latency_ms_sum / output_tokens) >= ``latency_growth`` x
   its latency in the other hours. A quantised variant (FP8 by default) is
   assumed to serve ``capacity_gain`` x the throughput, so the same load needs
-  ceil(gpus / capacity_gain) GPUs; saving = the GPUs it frees x price x hours
-  up, per month (no finding when it frees none). Action ``vllm.quantize``.
+  ceil(gpus / capacity_gain) GPUs; saving = the GPUs it frees x price in
+  every hour up, projected like the above (no finding when it frees none). Action ``vllm.quantize``.
   KV-cache usage, preemptions and queue depth (vLLM's
   ``vllm:gpu_cache_usage_perc``, ``vllm:num_preemptions_total``,
   ``vllm:num_requests_waiting``) are not in ``gpu_samples`` yet: memory use
@@ -30,8 +31,10 @@ or settled in ``deployment_hours``, which give its GPU count and GPU-hour price)
   API equivalent's $/1M tokens at the same token mix (its input, cache-read
   and output tokens from ``spend_hourly``, at the API's list prices in effect
   at the window's end, standard billing). Candidates per deployment:
-  ``api_equivalents[deployment]``, else ``default_api_equivalents``. Saving =
-  (self-hosted - API) $/1M x the tokens served, per month. Evidence gives the
+  ``api_equivalents[deployment]``, else ``default_api_equivalents``. Saving
+  per settled hour = its GPU cost - the API's $/1M x the tokens it served
+  (summed: (self-hosted - API) $/1M x tokens served), projected to a month
+  over the span of its settled hours. Evidence gives the
   break-even: tokens per hour at which the GPU-hours would cost what the API
   does, and the utilisation that would take (assuming throughput scales
   linearly with utilisation). Action ``gateway.route`` to that API model.
@@ -41,6 +44,11 @@ deployment, hour and GPU, maintained incrementally with a watermark on
 ``gpu_samples.ingested_at`` in ``rollup_state`` under the name ``gpu``: a run
 recomputes only the hours that got new samples), ``deployment_hours`` and
 ``spend_hourly``. Samples without a ``deployment`` are ignored.
+
+GPU findings stand on hours of samples (``min_hours``, ``analyzers.
+min_evidence_hours``), not on request counts: an idle deployment is the waste
+itself, so ``min_requests`` is 0 here; ``evidence_requests`` is what the
+deployment served in the window.
 """
 
 from __future__ import annotations
@@ -62,7 +70,8 @@ from finopsd.analyzers.base import (
     Context,
     Finding,
     Options,
-    monthly,
+    Projection,
+    dense_hours,
     register,
 )
 from finopsd.pricing import PER_MILLION, PriceBook, cost_per_million_tokens
@@ -198,6 +207,8 @@ class _Deployment:
     gpus: int
     gpu_hour_usd: float
     hours_up: int = 0
+    up_hours: list[int] = field(default_factory=list)  # epoch hours up (samples or settled)
+    requests: int = 0  # served in the window (spend_hourly)
     util: np.ndarray = field(default_factory=lambda: np.zeros(0))  # hourly, in hour order
     memory: np.ndarray = field(default_factory=lambda: np.zeros(0))  # NaN: not reported
     hours: list[datetime] = field(default_factory=list)
@@ -218,6 +229,7 @@ class Gpu(Analyzer):
         "dearer per token than an API model"
     )
     Options: ClassVar[type[Options]] = GpuOptions
+    min_requests: ClassVar[int] = 0
 
     def run(self, ctx: Context) -> list[Finding]:
         opts = self.options
@@ -247,7 +259,7 @@ class Gpu(Analyzer):
         out: dict[str, _Deployment] = {}
         up = ctx.con.execute(
             """
-            SELECT deployment, count(*) FROM (
+            SELECT deployment, list(epoch(hour)::BIGINT // 3600 ORDER BY hour) FROM (
                 SELECT DISTINCT deployment, hour FROM gpu_hourly
                 WHERE hour >= $start AND hour < $end
                 UNION
@@ -257,7 +269,15 @@ class Gpu(Analyzer):
             """,
             params,
         ).fetchall()
-        for name, hours_up in up:
+        served = dict(
+            ctx.con.execute(
+                "SELECT deployment, sum(requests)::BIGINT FROM spend_hourly "
+                "WHERE deployment IS NOT NULL AND hour >= $start AND hour < $end "
+                "GROUP BY deployment",
+                params,
+            ).fetchall()
+        )
+        for name, up_hours in up:
             configured = ctx.prices.deployments.get(name)
             if configured is not None:
                 gpus, rate = configured.gpus, configured.gpu_hour_usd
@@ -266,7 +286,14 @@ class Gpu(Analyzer):
             else:
                 log.debug("gpu: deployment %s has no GPU price; skipped", name)
                 continue
-            out[name] = _Deployment(name, gpus, rate, int(hours_up))
+            out[name] = _Deployment(
+                name,
+                gpus,
+                rate,
+                len(up_hours),
+                [int(h) for h in up_hours],
+                int(served.get(name) or 0),
+            )
         rows = ctx.con.execute(
             """
             SELECT deployment, hour, avg(utilization_sum / samples) AS util,
@@ -305,8 +332,11 @@ class Gpu(Analyzer):
         ).fetchall()
         return {hour: (float(lat or 0), float(tokens or 0)) for hour, lat, tokens in rows}
 
-    def _hours_per_month(self, ctx: Context, d: _Deployment) -> float:
-        return monthly(float(d.hours_up), ctx.window)
+    @staticmethod
+    def _per_hour_up(ctx: Context, d: _Deployment, usd_per_hour: float) -> Projection:
+        """``usd_per_hour`` saved in every hour the deployment was up, projected to a month
+        over the span from its first to its last hour up."""
+        return ctx.project(dense_hours((h, usd_per_hour) for h in d.up_hours))
 
     # -- (a) under-used ----------------------------------------------------------------------
 
@@ -324,11 +354,11 @@ class Gpu(Analyzer):
         if needed >= d.gpus:
             return []
         freed = d.gpus - needed
-        hours_month = self._hours_per_month(ctx, d)
-        savings = freed * d.gpu_hour_usd * hours_month
+        projection = self._per_hour_up(ctx, d, freed * d.gpu_hour_usd)
         confidence = round(min(0.9, 0.5 + 0.4 * share * min(1.0, n / 168)), 3)
         return [
-            Finding(
+            self.finding(
+                ctx,
                 kind="gpu.underused",
                 scope={"deployment": d.name},
                 title=(
@@ -351,11 +381,12 @@ class Gpu(Analyzer):
                     "target_util_pct": opts.target_util_pct,
                     "hours_up": d.hours_up,
                 },
-                monthly_savings_usd=savings,
+                projection=projection,
+                requests=d.requests,
                 savings_method=(
                     "(GPUs - ceil(GPUs x p95 hourly utilisation / target utilisation)) x "
-                    "GPU-hour price x the deployment's hours up in the window, projected to "
-                    "a month"
+                    "GPU-hour price in each hour up, projected to a month over the span from "
+                    "its first to its last hour up"
                 ),
                 confidence=confidence,
                 risk="medium",
@@ -397,12 +428,12 @@ class Gpu(Analyzer):
         freed = d.gpus - needed
         if freed < 1:
             return []
-        hours_month = self._hours_per_month(ctx, d)
-        savings = freed * d.gpu_hour_usd * hours_month
+        projection = self._per_hour_up(ctx, d, freed * d.gpu_hour_usd)
         variant = opts.quantized_variants.get(d.name)
         signals = [s for s, on in (("memory", memory_high), ("latency", latency_high)) if on]
         return [
-            Finding(
+            self.finding(
+                ctx,
                 kind="gpu.saturated",
                 scope={"deployment": d.name},
                 title=(
@@ -428,11 +459,12 @@ class Gpu(Analyzer):
                         "busy-hour memory use and latency per output token stand in for them"
                     ),
                 },
-                monthly_savings_usd=savings,
+                projection=projection,
+                requests=d.requests,
                 savings_method=(
                     f"GPUs freed by a quantised variant with {opts.capacity_gain:g}x throughput "
-                    "(GPUs - ceil(GPUs / gain)) x GPU-hour price x the deployment's hours up "
-                    "in the window, projected to a month"
+                    "(GPUs - ceil(GPUs / gain)) x GPU-hour price in each hour up, projected to "
+                    "a month over the span from its first to its last hour up"
                 ),
                 confidence=0.6 if len(signals) == 2 else 0.5,
                 risk="medium",
@@ -502,7 +534,16 @@ class Gpu(Analyzer):
             api_per_m = quotes[best]
             if api_per_m >= self_per_m:
                 continue
-            savings = monthly((self_per_m - api_per_m) * float(tokens) / PER_MILLION, ctx.window)
+            per_hour = ctx.con.execute(
+                "SELECT epoch(hour)::BIGINT // 3600, cost_usd, tokens FROM deployment_hours "
+                "WHERE deployment = $d AND hour >= $start AND hour < $end",
+                {"d": name, "start": start, "end": end},
+            ).fetchall()
+            projection = ctx.project(
+                dense_hours(
+                    (int(h), float(c) - api_per_m * float(t) / PER_MILLION) for h, c, t in per_hour
+                )
+            )
             hour_cost = float(cost) / hours
             tokens_per_hour = float(tokens) / hours
             break_even_tph = hour_cost / (api_per_m / PER_MILLION) if api_per_m > 0 else None
@@ -515,7 +556,8 @@ class Gpu(Analyzer):
             )
             provider, _, model = best.rpartition("/")
             findings.append(
-                Finding(
+                self.finding(
+                    ctx,
                     kind="gpu.api_cheaper",
                     scope={"deployment": name},
                     title=(
@@ -541,11 +583,13 @@ class Gpu(Analyzer):
                         "break_even_utilization_pct": break_even_util,
                         "compared_with": "api_equivalents" if explicit else "default",
                     },
-                    monthly_savings_usd=savings,
+                    projection=projection,
+                    requests=d.requests if d is not None else 0,
                     savings_method=(
                         "(self-hosted $/1M tokens over its settled GPU-hours, idle included - "
                         "cheapest API equivalent's $/1M at the same input/cache-read/output "
-                        "mix, list price) x tokens served, projected to a month"
+                        "mix, list price) x tokens served, per settled hour, projected to a "
+                        "month over the span of its settled hours"
                     ),
                     confidence=0.6 if explicit else 0.4,
                     risk="medium" if explicit else "high",
