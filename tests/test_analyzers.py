@@ -296,7 +296,7 @@ class _Projected(Analyzer):
 
     name: ClassVar[str] = "projected"
     description: ClassVar[str] = "test"
-    min_requests: ClassVar[int] = 50
+    min_evidence_requests: ClassVar[int] = 50
 
     def __init__(self, hours: list[float], requests: int, span_hours: float | None) -> None:
         super().__init__()
@@ -361,6 +361,19 @@ def test_provisional_findings_are_stored_and_never_eligible(tmp_path: Path) -> N
             store, EMPTY, [_Projected([1.0] * 48, 500, None)], now=NOW, min_evidence_hours=72
         )[0].findings
         assert strict.provisional
+
+
+def test_min_evidence_requests_is_an_option_of_every_analyzer() -> None:
+    """The class default, overridden by ``[analyzers.<name>] min_evidence_requests``; an
+    analyzer's own ``min_requests`` option (waste: context bloat) is a different one."""
+    (waste,) = build({}, only=["waste"])
+    assert waste.required_requests == 100
+    (waste,) = build({"waste": {"min_evidence_requests": 7, "min_requests": 5}}, only=["waste"])
+    assert waste.required_requests == 7
+    (gpu,) = build({}, only=["gpu"])
+    assert gpu.required_requests == 0
+    with pytest.raises(ValueError, match=r"analyzers\.batch\.min_evidence_requests"):
+        build({"batch": {"min_evidence_requests": -1}})
 
 
 def test_a_finding_without_evidence_is_provisional(tmp_path: Path) -> None:

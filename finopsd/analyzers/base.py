@@ -18,7 +18,8 @@ Evidence and projections (the contract every analyzer keeps):
   (see ``project``), with a fixed seed, so the same data gives the same figures.
 - A finding is **provisional** when its span is shorter than
   ``analyzers.min_evidence_hours`` or it stands on fewer requests than the
-  analyzer's ``min_requests``. A provisional finding is shown and stored, its
+  analyzer's ``min_evidence_requests`` (a class attribute, and an option of
+  every analyzer). A provisional finding is shown and stored, its
   title says so, and it is never eligible for an automatic action:
   ``Finding.eligible_for_action`` is false and the ``findings`` table stores
   ``provisional``; the actions layer acts only on rows with ``provisional =
@@ -208,7 +209,7 @@ class Options(BaseModel):
         le=366 * 24 * 60,
         description="how often it runs in the daemon; unset: analyzers.interval_minutes",
     )
-    min_requests: int | None = Field(
+    min_evidence_requests: int | None = Field(
         None,
         ge=0,
         le=10**12,
@@ -253,8 +254,11 @@ class Analyzer:
     Options: ClassVar[type[Options]] = Options
     order: ClassVar[int] = 100
     """Lower runs first: rollups others read (spend) come before their readers."""
-    min_requests: ClassVar[int] = 100
-    """A finding on fewer requests is provisional (option ``min_requests`` overrides it)."""
+    min_evidence_requests: ClassVar[int] = 100
+    """A finding on fewer requests is provisional (the option of the same name overrides it).
+
+    (Not ``min_requests``: several analyzers have an option of that name that
+    skips small scopes altogether.)"""
 
     def __init__(self, options: Options | None = None) -> None:
         self.options = options if options is not None else self.Options()
@@ -262,8 +266,8 @@ class Analyzer:
     @property
     def required_requests(self) -> int:
         """The request count below which this analyzer's findings are provisional."""
-        own = self.options.min_requests
-        return self.min_requests if own is None else own
+        own = self.options.min_evidence_requests
+        return type(self).min_evidence_requests if own is None else own
 
     def run(self, ctx: Context) -> list[Finding]:
         raise NotImplementedError

@@ -47,7 +47,7 @@ recomputes only the hours that got new samples), ``deployment_hours`` and
 
 GPU findings stand on hours of samples (``min_hours``, ``analyzers.
 min_evidence_hours``), not on request counts: an idle deployment is the waste
-itself, so ``min_requests`` is 0 here; ``evidence_requests`` is what the
+itself, so ``min_evidence_requests`` is 0 here; ``evidence_requests`` is what the
 deployment served in the window.
 """
 
@@ -229,7 +229,7 @@ class Gpu(Analyzer):
         "dearer per token than an API model"
     )
     Options: ClassVar[type[Options]] = GpuOptions
-    min_requests: ClassVar[int] = 0
+    min_evidence_requests: ClassVar[int] = 0
 
     def run(self, ctx: Context) -> list[Finding]:
         opts = self.options

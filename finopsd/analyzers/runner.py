@@ -7,7 +7,7 @@ times_seen advanced); a finding of that analyzer not found again is marked
 ``resolved``. Every run is recorded in ``analyzer_runs``.
 
 Before a finding is stored it is judged on its evidence (``base.judge_evidence``
-with ``min_evidence_hours`` and the analyzer's ``min_requests``): the
+with ``min_evidence_hours`` and the analyzer's ``min_evidence_requests``): the
 ``provisional`` column says whether the actions layer may act on it
 (only ``provisional = false`` rows are eligible).
 """
