@@ -354,21 +354,17 @@ class ModelFeature:
     requests: int = 0
     quality_sum: float = 0.0
     quality_n: int = 0
-    latency: dict[int, float] = field(default_factory=dict)  # bucket -> n
+    latency_n: float = 0.0  # latencies in the histogram
+    p95_bucket: int | None = None  # the first bucket where 95 % of them are reached
     outcomes: np.ndarray = field(  # index bucket + 1 -> n; index 0: errors
         default_factory=lambda: np.zeros(QUALITY_SCALE + 2)
     )
 
     def p95(self, min_samples: int) -> float | None:
-        total = sum(self.latency.values())
-        if total < min_samples or total <= 0:
+        """The p95 latency (its bucket's geometric middle); None under ``min_samples``."""
+        if self.latency_n < min_samples or self.latency_n <= 0 or self.p95_bucket is None:
             return None
-        cum = 0.0
-        for bucket in sorted(self.latency):
-            cum += self.latency[bucket]
-            if cum >= 0.95 * total * (1 - 1e-12):
-                return math.exp((bucket + 0.5) / LATENCY_SCALE)
-        return math.exp((max(self.latency) + 0.5) / LATENCY_SCALE)
+        return math.exp((self.p95_bucket + 0.5) / LATENCY_SCALE)
 
     def escalation(self, target: float) -> tuple[float, float]:
         """(share failed at ``target``, outcomes known): errored or scored below it."""
@@ -786,22 +782,48 @@ class Routing(Analyzer):
             acc = priced.setdefault(model, [0.0, 0.0])
             acc[0] += float(row[9])
             acc[1] += float(row[10])
-        for tenant, app, feature, model, metric, bucket, n in ctx.con.execute(
+        # per scope and model: the latency histogram's total and p95 bucket, in SQL (one
+        # row each), and the outcome histogram as two lists
+        for tenant, app, feature, model, total, p95_bucket in ctx.con.execute(
             """
-            SELECT tenant, app, feature, model, metric, bucket, sum(n)
-            FROM routing_stats
-            WHERE day >= $start AND day < $end
+            WITH h AS (
+                SELECT tenant, app, feature, model, bucket, sum(n) AS n
+                FROM routing_stats
+                WHERE metric = 'latency' AND day >= $start AND day < $end
+                GROUP BY ALL
+            ), c AS (
+                SELECT *, sum(n) OVER (PARTITION BY tenant, app, feature, model ORDER BY bucket)
+                              AS cum,
+                          sum(n) OVER (PARTITION BY tenant, app, feature, model) AS total
+                FROM h
+            )
+            SELECT tenant, app, feature, model, any_value(total),
+                   coalesce(min(bucket) FILTER (WHERE cum >= 0.95 * total * (1 - 1e-12)),
+                            max(bucket))
+            FROM c GROUP BY ALL
+            """,
+            params,
+        ).fetchall():
+            s = out.get((tenant, app, feature, model))
+            if s is not None:  # else: no traffic in the window's rollup, not a candidate
+                s.latency_n, s.p95_bucket = float(total), int(p95_bucket)
+        for tenant, app, feature, model, buckets, ns in ctx.con.execute(
+            """
+            SELECT tenant, app, feature, model, list(bucket), list(n)
+            FROM (
+                SELECT tenant, app, feature, model, bucket, sum(n) AS n
+                FROM routing_stats
+                WHERE metric = 'quality' AND day >= $start AND day < $end
+                GROUP BY ALL
+            )
             GROUP BY ALL
             """,
             params,
         ).fetchall():
             s = out.get((tenant, app, feature, model))
-            if s is None:
-                continue  # no traffic in the window's rollup: not a candidate here
-            if metric == "latency":
-                s.latency[int(bucket)] = float(n)
-            else:
-                s.outcomes[min(int(bucket), QUALITY_SCALE) + 1] += float(n)
+            if s is not None:
+                at = np.minimum(np.asarray(buckets, np.int64), QUALITY_SCALE) + 1
+                np.add.at(s.outcomes, at, np.asarray(ns, np.float64))
         per_token = {m: c / t for m, (c, t) in priced.items() if c > 0 and t > 0}
         return out, per_token
 
