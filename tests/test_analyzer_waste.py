@@ -17,7 +17,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from finopsd.analyzers.base import DAYS_PER_MONTH, Finding
+from finopsd.analyzers.base import DAYS_PER_MONTH, HOURS_PER_MONTH, Finding
 from finopsd.analyzers.runner import build, run_analyzers, stored_findings
 from finopsd.analyzers.waste import recent_start
 from finopsd.pricing import Price, PriceBook
@@ -44,6 +44,11 @@ def cost(model: str, inp: int, out: int) -> float:
 
 def per_month(amount: float, days: float = WINDOW_DAYS) -> float:
     return amount / days * DAYS_PER_MONTH
+
+
+def per_month_over(amount: float, hours: float) -> float:
+    """A saving over ``hours`` of evidence, per month; under 24 h (min_evidence_hours) over 24."""
+    return amount / max(hours, 24.0) * HOURS_PER_MONTH
 
 
 SCHEMA = pa.schema(
@@ -189,7 +194,10 @@ def test_failed_requests_and_retries(tmp_path: Path) -> None:
         assert ev_["retry_input_tokens"] == 70 * 10_000
         assert ev_["retry_output_tokens"] == 60 * 500
         assert ev_["retry_cost_usd"] == pytest.approx(60 * ok + 10 * failed)
-        assert f.monthly_savings_usd == pytest.approx(0.5 * per_month(110 * failed))
+        # the scope's traffic spans 100 hours (T0 to the last failure), not the 30-day window
+        assert f.evidence_hours == 100.0 and f.evidence_requests == 1090 and not f.provisional
+        assert f.monthly_savings_usd == pytest.approx(0.5 * per_month_over(110 * failed, 100))
+        assert f.monthly_savings_low_usd < f.monthly_savings_usd < f.monthly_savings_high_usd
         assert "recoverable share 0.5" in f.savings_method
         assert f.action is None and f.risk == "low"
 
@@ -205,7 +213,7 @@ def test_failed_requests_and_retries(tmp_path: Path) -> None:
         assert wide.evidence["retries"] == 90
         assert wide.evidence["retry_cost_usd"] == pytest.approx(80 * ok + 10 * failed)
         (most,) = run(store, min_monthly_savings_usd=1.0, recoverable_share=0.8)
-        assert most.monthly_savings_usd == pytest.approx(0.8 * per_month(110 * failed))
+        assert most.monthly_savings_usd == pytest.approx(0.8 * per_month_over(110 * failed, 100))
         # the second try follows the failed retry by 30 s, not the first attempt by 60 s
         gaps = store.cursor().execute(
             "SELECT event_id, gap_s FROM waste_retries WHERE event_id IN ('again50', 'later60')"
@@ -217,8 +225,8 @@ def test_failed_requests_and_retries(tmp_path: Path) -> None:
 
         # a 20 % error rate is needed: none
         assert run(store, min_monthly_savings_usd=1.0, min_error_rate=0.2) == []
-        # below the default $10 a month: none
-        assert run(store) == []
+        # $10.04 a month: none when $10.50 is asked for
+        assert run(store, min_monthly_savings_usd=10.5) == []
 
 
 def test_retries_are_incremental_and_late_errors_count(tmp_path: Path) -> None:
@@ -248,7 +256,10 @@ def test_retries_are_incremental_and_late_errors_count(tmp_path: Path) -> None:
         want = run(b, min_monthly_savings_usd=0.0)
         assert [f.id for f in got] == [f.id for f in want]
         for f, w in zip(got, want, strict=True):  # sums in another order: float rounding
-            assert f.evidence == pytest.approx(w.evidence)
+            assert {k: v for k, v in f.evidence.items() if k != "projection"} == pytest.approx(
+                {k: v for k, v in w.evidence.items() if k != "projection"}
+            )
+            assert f.evidence["projection"] == pytest.approx(w.evidence["projection"])
             assert f.monthly_savings_usd == pytest.approx(w.monthly_savings_usd)
         query = "SELECT * FROM waste_retries ORDER BY event_id"
         assert a.cursor().execute(query).fetchall() == b.cursor().execute(query).fetchall()
@@ -336,7 +347,9 @@ def test_context_bloat(tmp_path: Path) -> None:
         # input price: half the tokens at $2.50, half at $3 per 1M
         assert ev_["input_usd_per_mtok"] == pytest.approx(2.75)
         assert ev_["excess_cost_usd"] == pytest.approx(3e6 * 2.75e-6)
-        assert f.monthly_savings_usd == pytest.approx(per_month(3e6 * 2.75e-6, days=7))
+        # recent traffic from 5 days ago to 4 days ago + 8 h 20 min: 33 hours
+        assert f.evidence_hours == 33.0 and f.evidence_requests == 1000
+        assert f.monthly_savings_usd == pytest.approx(per_month_over(3e6 * 2.75e-6, 33))
         assert f.action is not None and f.action.actuator == "gateway.max_tokens"
         assert f.action.params == {
             "app": "docs",
@@ -352,7 +365,9 @@ def test_context_bloat(tmp_path: Path) -> None:
         assert g.evidence["baseline_input_tokens"] == pytest.approx(1000)
         # batch-billed gpt-4o input: $1.25 per 1M; 3,000 excess tokens x 1,000 requests
         assert g.evidence["input_usd_per_mtok"] == pytest.approx(1.25)
-        assert g.monthly_savings_usd == pytest.approx(per_month(3e6 * 1.25e-6, days=7))
+        # 1,000 requests a minute apart: 17 hours, provisional, the rate taken over 24
+        assert g.evidence_hours == 17.0 and g.provisional
+        assert g.monthly_savings_usd == pytest.approx(per_month_over(3e6 * 1.25e-6, 17))
         assert (g.confidence, g.risk) == (0.4, "high")
         assert g.action is not None and g.action.params["max_input_tokens"] == 3000
 

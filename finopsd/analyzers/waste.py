@@ -9,7 +9,8 @@ Three findings:
   A failed retry is an error and counted as one; a successful retry re-buys
   what the failed attempt should have delivered, so its own cost is not
   counted again. Saving = error cost x ``recoverable_share`` (not every
-  error can be avoided), projected to a month. No action: the fix (backoff,
+  error can be avoided), per hour, projected to a month over the span from
+  the scope's first to its last hour of traffic. No action: the fix (backoff,
   request validation, fewer timeouts) lives in the caller.
 - ``waste.context_bloat`` per (app, feature): input tokens per request (the
   mean over the last ``recent_days`` days) at least ``peer_factor`` x the
@@ -19,13 +20,14 @@ Three findings:
   (the conservative one). Saving = (mean - baseline) x the recent requests
   x the feature's input price per token (list input price of each model it
   used, batch discount applied; self-hosted: the settled cost per token),
-  projected to a month from the recent days. Action ``gateway.max_tokens``
-  with a cap at the threshold that fired and a RAG top-k scale hint.
+  per hour, projected to a month over the span of the feature's recent hours.
+  Action ``gateway.max_tokens`` with a cap at the threshold that fired and a RAG top-k scale hint.
 - ``waste.finetune`` per (app, feature, model): a high-volume
   (>= ``finetune_min_requests_per_month``), short-answer
   (mean output <= ``finetune_max_output_tokens``) feature on an API model
   whose input list price is >= ``finetune_min_input_per_mtok``. Saving = its
-  cost - the same tokens at the small fine-tuned model's prices, per month;
+  cost - the same tokens at the small fine-tuned model's prices, per hour,
+  projected to a month over the span of its traffic (requests a month too);
   payback = (``finetune_one_off_usd`` + ``eval_one_off_usd``) / saving; a
   finding only when payback <= ``max_payback_months``. Action ``finetune``.
 
@@ -52,13 +54,14 @@ import duckdb
 from pydantic import Field
 
 from finopsd.analyzers.base import (
+    HOURS_PER_MONTH,
     ActionSpec,
     Analyzer,
     Context,
     Finding,
     Options,
-    Window,
-    monthly,
+    Projection,
+    dense_hours,
     register,
 )
 from finopsd.pricing import PER_MILLION, SELF_HOSTED
@@ -259,12 +262,15 @@ class _Row:
     input_tokens: int
     output_tokens: int
     cost_usd: float
+    first_h: int  # its first and last hour, epoch hours
+    last_h: int
 
 
 _SPEND = """
     SELECT tenant, app, feature, provider, model, deployment, billing_mode,
            status = 'error' AS failed, hour >= $since AS recent,
-           sum(requests), sum(input_tokens), sum(output_tokens), sum(cost_usd)
+           sum(requests), sum(input_tokens), sum(output_tokens), sum(cost_usd),
+           min(epoch(hour)::BIGINT // 3600), max(epoch(hour)::BIGINT // 3600)
     FROM spend_hourly
     WHERE hour >= $start AND hour < $end
     GROUP BY ALL
@@ -284,6 +290,26 @@ def _sums(rows: Iterable[_Row]) -> tuple[int, int, int, float]:
     return n, i, o, c
 
 
+def _span(rows: Iterable[_Row]) -> list[tuple[int, float]]:
+    """The first and last hour of ``rows`` as (hour, 0) pairs: ``dense_hours`` spans them."""
+    rows = list(rows)
+    return [(min(r.first_h for r in rows), 0.0), (max(r.last_h for r in rows), 0.0)]
+
+
+def _hourly(
+    ctx: Context, where: str, params: dict[str, Any], value: str
+) -> list[tuple[int, float]]:
+    """(epoch hour, ``value``) of ``spend_hourly`` rows matching ``where`` in the window."""
+    return [
+        (int(h), float(v or 0.0))
+        for h, v in ctx.con.execute(
+            f"SELECT epoch(hour)::BIGINT // 3600, {value} FROM spend_hourly "
+            f"WHERE hour >= $start AND hour < $end AND {where} GROUP BY ALL",
+            {"start": ctx.window.start, "end": ctx.window.end, **params},
+        ).fetchall()
+    ]
+
+
 @register
 class Waste(Analyzer):
     name: ClassVar[str] = "waste"
@@ -298,7 +324,7 @@ class Waste(Analyzer):
         ctx.write(refresh)
         since = max(recent_start(ctx.window.end, opts.recent_days), ctx.window.start)
         rows = [
-            _Row(*r[:9], int(r[9]), int(r[10]), int(r[11]), float(r[12] or 0))
+            _Row(*r[:9], int(r[9]), int(r[10]), int(r[11]), float(r[12] or 0), *r[13:15])
             for r in ctx.con.execute(
                 _SPEND, {"since": since, "start": ctx.window.start, "end": ctx.window.end}
             ).fetchall()
@@ -332,6 +358,19 @@ class Waste(Analyzer):
                 {"start": ctx.window.start, "end": ctx.window.end, "gap": opts.retry_interval_s},
             ).fetchall()
         }
+        errors_by_hour: dict[tuple[str | None, ...], list[tuple[int, float]]] = {}
+        for tenant, app, feature, model, h, c in ctx.con.execute(
+            """
+            SELECT tenant, app, feature, model, epoch(hour)::BIGINT // 3600, sum(cost_usd)
+            FROM spend_hourly
+            WHERE hour >= $start AND hour < $end AND status = 'error'
+            GROUP BY ALL
+            """,
+            {"start": ctx.window.start, "end": ctx.window.end},
+        ).fetchall():
+            errors_by_hour.setdefault((tenant, app, feature, model), []).append(
+                (int(h), float(c or 0.0))
+            )
         findings = []
         for key, group in groups.items():
             requests, _, _, cost = _sums(group)
@@ -342,7 +381,10 @@ class Waste(Analyzer):
             tenant, app, feature, model = key
             assert model is not None
             rt = retries.get(key, (0, 0, 0, 0, 0.0))
-            savings = opts.recoverable_share * monthly(e_cost, ctx.window)
+            error_hours = errors_by_hour.get(key, [])
+            projection = ctx.project(
+                [opts.recoverable_share * c for c in dense_hours([*error_hours, *_span(group)])]
+            )
             scope = {
                 "tenant": _tag(tenant),
                 "app": _tag(app),
@@ -350,7 +392,8 @@ class Waste(Analyzer):
                 "model": model,
             }
             findings.append(
-                Finding(
+                self.finding(
+                    ctx,
                     kind="waste.errors",
                     scope=scope,
                     title=(
@@ -374,12 +417,13 @@ class Waste(Analyzer):
                         "retry_interval_s": opts.retry_interval_s,
                         "recoverable_share": opts.recoverable_share,
                     },
-                    monthly_savings_usd=savings,
+                    projection=projection,
+                    requests=requests,
                     savings_method=(
-                        "cost of the failed requests in the window (failed retries included; "
-                        "a successful retry re-buys the failed attempt and is not counted "
-                        f"again) x recoverable share {opts.recoverable_share:g}, projected "
-                        "to a month"
+                        "cost of the failed requests (failed retries included; a successful "
+                        "retry re-buys the failed attempt and is not counted again) x "
+                        f"recoverable share {opts.recoverable_share:g}, per hour, projected "
+                        "to a month over the scope's hours from its first to its last request"
                     ),
                     confidence=0.5,
                     risk="low",
@@ -444,9 +488,16 @@ class Waste(Analyzer):
             unit = self._input_price(ctx, periods[(app, feature, True)])
             excess_tokens = (mean - baseline) * requests
             excess_cost = excess_tokens * unit
-            savings = monthly(excess_cost, Window(since, ctx.window.end))
+            recent_hours = _hourly(
+                ctx,
+                "app = $app AND feature = $feature AND hour >= $since",
+                {"app": app, "feature": feature, "since": since},
+                f"(sum(input_tokens) - {float(baseline)!r} * sum(requests)) * {float(unit)!r}",
+            )
+            projection = ctx.project(dense_hours(recent_hours))
             findings.append(
-                Finding(
+                self.finding(
+                    ctx,
                     kind="waste.context_bloat",
                     scope={"app": app, "feature": feature},
                     title=(
@@ -469,10 +520,12 @@ class Waste(Analyzer):
                         "excess_cost_usd": excess_cost,
                         "recent_since": since.isoformat(),
                     },
-                    monthly_savings_usd=savings,
+                    projection=projection,
+                    requests=requests,
                     savings_method=(
-                        "(mean input tokens per request - baseline) x requests in the recent "
-                        "days x the feature's input price per token, projected to a month"
+                        "(input tokens - baseline x requests) x the feature's input price per "
+                        "token, per hour of the recent days, projected to a month over the "
+                        "span of those hours"
                     ),
                     confidence=0.6 if "history" in fired else 0.4,
                     risk="medium" if "history" in fired else "high",
@@ -502,7 +555,10 @@ class Waste(Analyzer):
         findings = []
         for (app, feature, provider, model), group in groups.items():
             requests, inp, out, cost = _sums(group)
-            per_month = monthly(float(requests), ctx.window)
+            span = _span(group)
+            span_hours = float(span[1][0] - span[0][0] + 1)
+            per_span = HOURS_PER_MONTH / max(span_hours, ctx.min_evidence_hours)
+            per_month = requests * per_span
             mean_out = out / requests
             if per_month < opts.finetune_min_requests_per_month:
                 continue
@@ -515,7 +571,24 @@ class Waste(Analyzer):
             small_cost = (
                 inp * opts.small_model_input_per_mtok + out * opts.small_model_output_per_mtok
             ) / PER_MILLION
-            savings = monthly(cost - small_cost, ctx.window)
+            small_in = opts.small_model_input_per_mtok / PER_MILLION
+            small_out = opts.small_model_output_per_mtok / PER_MILLION
+            projection: Projection = ctx.project(
+                dense_hours(
+                    [
+                        *_hourly(
+                            ctx,
+                            "app = $app AND feature = $feature AND model = $model "
+                            "AND provider IS NOT DISTINCT FROM $provider AND deployment IS NULL",
+                            {"app": app, "feature": feature, "model": model, "provider": provider},
+                            f"sum(cost_usd) - sum(input_tokens) * {small_in!r} "
+                            f"- sum(output_tokens) * {small_out!r}",
+                        ),
+                        *span,
+                    ]
+                )
+            )
+            savings = projection.monthly_usd
             if savings <= 0:
                 continue
             payback = one_off / savings
@@ -530,13 +603,14 @@ class Waste(Analyzer):
                 "cost_usd": cost,
                 "small_model": opts.small_model,
                 "small_model_cost_usd": small_cost,
-                "current_monthly_usd": monthly(cost, ctx.window),
-                "small_model_monthly_usd": monthly(small_cost, ctx.window),
+                "current_monthly_usd": cost * per_span,
+                "small_model_monthly_usd": small_cost * per_span,
                 "one_off_usd": one_off,
                 "payback_months": payback,
             }
             findings.append(
-                Finding(
+                self.finding(
+                    ctx,
                     kind="waste.finetune",
                     scope={"app": app, "feature": feature, "model": model},
                     title=(
@@ -545,11 +619,12 @@ class Waste(Analyzer):
                         f"{payback:.1f} months"
                     ),
                     evidence=evidence,
-                    monthly_savings_usd=savings,
+                    projection=projection,
+                    requests=requests,
                     savings_method=(
                         "cost on the current model - the same input and output tokens at the "
-                        "fine-tuned small model's prices, projected to a month; payback = "
-                        "(fine-tune + eval one-off) / that"
+                        "fine-tuned small model's prices, per hour, projected to a month over "
+                        "the span of its traffic; payback = (fine-tune + eval one-off) / that"
                     ),
                     confidence=0.4,
                     risk="medium",
