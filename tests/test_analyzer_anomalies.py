@@ -173,9 +173,20 @@ def test_spikes_found_against_seasonal_baseline(tmp_path: Path, data: Spend) -> 
             evaluated = len(truth)
             assert f.evidence["window_anomalous_hours"] == len(hits)
             assert f.evidence["evaluated_hours"] == evaluated
-            assert f.monthly_savings_usd == pytest.approx(
+            # a spike is not a recurring saving: its excess is evidence, and what it would
+            # cost a month if it persisted is labelled so, never a monthly saving
+            assert f.monthly_savings_usd == 0.0
+            assert f.monthly_savings_low_usd == f.monthly_savings_high_usd == 0.0
+            assert f.evidence["window_excess_usd"] == pytest.approx(excess)
+            recent = [h for h in hits if h >= HOURS - 24]
+            assert f.evidence["recent_excess_usd"] == pytest.approx(
+                sum(truth[h]["actual"] - truth[h]["expected"] for h in recent)
+            )
+            assert f.evidence["monthly_usd_if_it_persists"] == pytest.approx(
                 excess / (evaluated / 24) * DAYS_PER_MONTH
             )
+            assert f"${f.evidence['recent_excess_usd']:,.2f} above expected" in f.title
+            assert f.evidence_hours == HOURS - min(data[key]) and not f.provisional
             assert f.risk == "low"
             assert f.action is not None and f.action.actuator == "gateway.rate_limit"
             assert f.action.params["tenant"] == key[0] and f.action.params["model"] == key[1]

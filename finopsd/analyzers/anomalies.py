@@ -18,10 +18,19 @@ hour, and only spikes are flagged):
 A series' history starts at its first hour in the window with a row; hours
 after that without a row spent $0. One finding per (tenant, model) with at
 least one anomalous hour in the last ``recent_hours``; its evidence lists the
-latest ``max_listed`` anomalous hours. The projected monthly saving is the
-excess (actual - expected) of every anomalous hour evaluated in the window,
-as a rate over the evaluated hours, times a month: what the spikes cost if
-they keep recurring at the frequency observed. The suggested action is a
+latest ``max_listed`` anomalous hours.
+
+A spike is not a recurring saving: ``monthly_savings_usd`` (and its interval)
+is 0. What the spikes cost is the **excess** (actual - expected) of the
+anomalous hours, in the evidence as ``window_excess_usd`` (every anomalous
+hour in the window) and ``recent_excess_usd`` (those of the last
+``recent_hours``); ``monthly_usd_if_it_persists`` is that window excess as a
+rate over the evaluated hours times a month, labelled as what the spikes
+would cost if they kept recurring at the frequency observed, never counted as
+a saving. ``evidence_hours`` is the series' history in the window (its first
+hour to now), ``evidence_requests`` its requests; the baseline's own minimums
+(``min_weeks``, ``min_days``) judge whether an hour can be evaluated at all, so
+there is no request minimum (``min_evidence_requests`` 0). The suggested action is a
 gateway rate limit / budget alert at the hourly spend above which those hours
 were anomalous.
 
@@ -40,7 +49,7 @@ import numpy as np
 from pydantic import Field
 
 from finopsd.analyzers.base import (
-    DAYS_PER_MONTH,
+    HOURS_PER_MONTH,
     ActionSpec,
     Analyzer,
     Context,
@@ -141,6 +150,7 @@ class Anomalies(Analyzer):
         "hourly spend spikes per tenant and model against a same-hour-of-week median/MAD baseline"
     )
     Options: ClassVar[type[Options]] = AnomaliesOptions
+    min_evidence_requests: ClassVar[int] = 0
 
     def run(self, ctx: Context) -> list[Finding]:
         opts = self.options
@@ -154,13 +164,14 @@ class Anomalies(Analyzer):
         rows = ctx.con.execute(
             """
             WITH agg AS (
-                SELECT coalesce(tenant, $none) AS tenant, model, hour, sum(cost_usd) AS cost
+                SELECT coalesce(tenant, $none) AS tenant, model, hour, sum(cost_usd) AS cost,
+                       sum(requests) AS requests
                 FROM spend_hourly
                 WHERE hour >= $start AND hour < $now
                 GROUP BY ALL
             )
             SELECT dense_rank() OVER (ORDER BY tenant, model) - 1 AS s, tenant, model,
-                   epoch(hour)::BIGINT // 3600 - $h0 AS h, cost
+                   epoch(hour)::BIGINT // 3600 - $h0 AS h, cost, requests
             FROM agg
             """,
             {"none": NO_TENANT, "h0": h0, "start": ctx.window.start, "now": ctx.now},
@@ -175,6 +186,9 @@ class Anomalies(Analyzer):
         x[idx, hours] = np.asarray(rows["cost"], dtype=float)
         first = np.full(len(series), n_hours, dtype=np.int64)
         np.minimum.at(first, idx, hours)
+        requests = np.zeros(len(series), dtype=np.int64)
+        np.add.at(requests, idx, np.asarray(rows["requests"], dtype=np.int64))
+        span_hours = (n_hours - first).astype(float)  # each series' history, to now
         x[np.arange(n_hours)[None, :] < first[:, None]] = np.nan  # before the series began
 
         base = baseline(x, opts.min_weeks, opts.min_days)
@@ -194,11 +208,11 @@ class Anomalies(Analyzer):
         for (tenant, model), s in series.items():
             if not recent[s]:
                 continue
-            findings.append(
-                self._finding(
-                    tenant, model, s, h0, recent_from, x, base, sigma, excess, anomalous, evaluated
-                )
+            f = self._finding(
+                tenant, model, s, h0, recent_from, x, base, sigma, excess, anomalous, evaluated
             )
+            f.evidence_hours, f.evidence_requests = float(span_hours[s]), int(requests[s])
+            findings.append(f)
         return findings
 
     def _finding(
@@ -238,7 +252,7 @@ class Anomalies(Analyzer):
         hours = [hour_evidence(int(h)) for h in listed]
         evaluated_hours = int(evaluated[s].sum())
         total_excess = float(excess[s, hits].sum())
-        monthly_usd = total_excess / (evaluated_hours / 24) * DAYS_PER_MONTH
+        if_it_persists = total_excess / evaluated_hours * HOURS_PER_MONTH
         latest = hours[0]
         # confidence: how far past the threshold the strongest recent spike is, and how much
         # history its baseline had (four weeks of history: full weight)
@@ -260,8 +274,9 @@ class Anomalies(Analyzer):
             scope={"tenant": tenant, "model": model},
             title=(
                 f"{tenant} / {model}: {len(recent_hits)} hourly spend spike(s) in the last "
-                f"{opts.recent_hours} h (latest {latest['hour']}: ${latest['actual_usd']:,.2f} "
-                f"vs ${latest['expected_usd']:,.2f} expected)"
+                f"{opts.recent_hours} h, ${recent_excess:,.2f} above expected (latest "
+                f"{latest['hour']}: ${latest['actual_usd']:,.2f} vs "
+                f"${latest['expected_usd']:,.2f} expected)"
             ),
             evidence={
                 "anomalous_hours": hours,
@@ -271,14 +286,16 @@ class Anomalies(Analyzer):
                 "window_anomalous_hours": len(hits),
                 "window_excess_usd": total_excess,
                 "evaluated_hours": evaluated_hours,
+                "monthly_usd_if_it_persists": if_it_persists,
                 "sigmas": opts.sigmas,
                 "min_excess_usd": opts.min_excess_usd,
             },
-            monthly_savings_usd=monthly_usd,
+            monthly_savings_usd=0.0,
             savings_method=(
-                "excess over the seasonal median of every anomalous hour in the window, "
-                "per evaluated hour, projected to a month (spikes recurring at the observed "
-                "frequency)"
+                "none: a spike is not a recurring saving. Its cost is the excess over the "
+                "seasonal median of the anomalous hours (window_excess_usd, "
+                "recent_excess_usd); monthly_usd_if_it_persists is the window excess per "
+                "evaluated hour times a month, if the spikes kept recurring as observed"
             ),
             confidence=confidence,
             risk="low",
