@@ -23,7 +23,7 @@ import pyarrow as pa
 import pytest
 
 from finopsd.analyzers import routing, spend
-from finopsd.analyzers.base import DAYS_PER_MONTH, Finding, Window
+from finopsd.analyzers.base import HOURS_PER_MONTH, Finding, Window
 from finopsd.analyzers.routing import MixProblem, solve_mixes
 from finopsd.analyzers.runner import build, run_analyzers, stored_findings
 from finopsd.pricing import Deployment, Price, PriceBook
@@ -56,12 +56,25 @@ def cost(model: str) -> float:
     return (IN_TOKENS * i + OUT_TOKENS * o) / 1e6
 
 
-# the routing window: whole UTC days from the start of the 30-day window's first day
-WINDOW_DAYS = (NOW - datetime(2026, 2, 8, tzinfo=UTC)) / timedelta(days=1)
+def scope_hours(store: Store, tenant: str, app: str, model: str) -> int:
+    """Hours from the scope's first to its last hour with a request (both included)."""
+    row = (
+        store.cursor()
+        .execute(
+            "SELECT max(epoch(ts)::BIGINT // 3600) - min(epoch(ts)::BIGINT // 3600) + 1 "
+            "FROM usage_events WHERE tenant = ? AND app = ? AND request_model = ?",
+            [tenant, app, model],
+        )
+        .fetchone()
+    )
+    assert row is not None
+    return int(row[0])
 
 
-def per_month(window_usd: float) -> float:
-    return window_usd / WINDOW_DAYS * DAYS_PER_MONTH
+def per_month(saved: float, hours: float) -> float:
+    """A saving seen over the scope's ``hours`` of traffic, per month (under 24 hours,
+    analyzers.min_evidence_hours, taken as the saving of 24)."""
+    return saved / max(hours, 24.0) * HOURS_PER_MONTH
 
 
 Event = tuple[str, str, str, float | None, float, str]  # tenant, app, model, quality, ms, status
@@ -89,16 +102,25 @@ def standard() -> list[Event]:
 
 
 def insert(
-    store: Store, specs: Iterable[Event], *, start: int = 0, day: int = 0, feature: str = "answer"
+    store: Store,
+    specs: Iterable[Event],
+    *,
+    start: int = 0,
+    day: int = 0,
+    feature: str = "answer",
+    days: int = 4,
+    minutes: int = 600,
 ) -> None:
-    """Events spread over four days from DAY0 + ``day``, ids from ``start``."""
+    """Events spread over ``days`` days from DAY0 + ``day`` (and over the first ``minutes``
+    of each), ids from ``start``."""
     rows = []
     for i, (tenant, app, model, quality, ms, status) in enumerate(specs):
         c = cost(model)
         rows.append(
             {
                 "event_id": f"e{start + i}",
-                "ts": DAY0 + timedelta(days=day + (start + i) % 4, minutes=(start + i) % 600),
+                "ts": DAY0
+                + timedelta(days=day + (start + i) % days, minutes=(start + i) % minutes),
                 "provider": "vllm" if model == "llama" else "p",
                 "deployment": "llama-dep" if model == "llama" else None,
                 "request_model": model,
@@ -149,6 +171,8 @@ def test_lp_mix_at_the_quality_boundary(tmp_path: Path) -> None:
     with Store(tmp_path / "s.duckdb") as store:
         insert(store, standard())
         f = only_finding(run(store))
+        hours = scope_hours(store, "acme", "bot", "big")
+    assert hours == 3 * 24 + 4  # day 0 00:00 to day 3 03:19 (the 200th request)
     # by hand: mixing mid (0.88) with small (0.70) to reach 0.85 exactly is cheapest
     # (big + small: 0.6 x 0.010 + 0.4 x 0.001 = 0.0064; mid alone 0.006)
     x_mid = (0.85 - 0.70) / (0.88 - 0.70)
@@ -174,10 +198,32 @@ def test_lp_mix_at_the_quality_boundary(tmp_path: Path) -> None:
     assert ev["cascade"]["savings_per_request_usd"] == pytest.approx(-cost("small"))
     saved = (cost("big") - lp_cost) * 200
     assert ev["window_savings_usd"] == pytest.approx(saved)
-    assert f.monthly_savings_usd == pytest.approx(per_month(saved))
+    assert f.monthly_savings_usd == pytest.approx(per_month(saved, hours))
+    assert (f.evidence_hours, f.evidence_requests, f.provisional) == (hours, 200, False)
+    assert f.evidence["projection"]["observed_savings_usd"] == pytest.approx(saved)
+    # four days of traffic: an interval around the point (the days differ)
+    assert f.monthly_savings_low_usd < f.monthly_savings_usd < f.monthly_savings_high_usd
     assert f.action is not None and f.action.actuator == "gateway.route"
     assert f.action.params["weights"] == pytest.approx(ev["lp"]["shares"])
     assert f.kind == "routing.model_mix" and f.risk == "medium"
+
+
+def test_two_hours_of_traffic_give_a_provisional_finding(tmp_path: Path) -> None:
+    """The same traffic within two hours: a saving seen over 2 h is not a monthly rate.
+    Taken as the saving of analyzers.min_evidence_hours (24 h), its interval from 0, the
+    finding is provisional and not eligible for an automatic action."""
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, standard(), days=1, minutes=120)
+        f = only_finding(run(store))
+        assert scope_hours(store, "acme", "bot", "big") == 2
+    saved = f.evidence["window_savings_usd"]
+    assert saved > 0
+    assert (f.evidence_hours, f.provisional, f.eligible_for_action) == (2.0, True, False)
+    assert f.monthly_savings_usd == pytest.approx(saved / 24 * HOURS_PER_MONTH)
+    assert f.monthly_savings_low_usd == 0.0
+    assert f.monthly_savings_high_usd == pytest.approx(saved / 2 * HOURS_PER_MONTH)
+    assert f.evidence["projection"]["capped"] is True
+    assert "provisional" in f.title
 
 
 def test_latency_slo_excludes_the_slow_model_and_bounds_its_share(tmp_path: Path) -> None:
@@ -253,7 +299,9 @@ def test_cascade_formula(tmp_path: Path) -> None:
         assert ev["lp"]["cost_per_request_usd"] == pytest.approx(lp_cost, rel=1e-6)
         assert cascade_cost < lp_cost
         assert ev["chosen"] == "cascade"
-        assert f.monthly_savings_usd == pytest.approx(per_month((cost("big") - cascade_cost) * 200))
+        assert f.monthly_savings_usd == pytest.approx(
+            per_month((cost("big") - cascade_cost) * 200, scope_hours(store, "acme", "bot", "big"))
+        )
         assert f.action is not None and f.action.actuator == "gateway.cascade"
         assert f.action.params["first"] == "small" and f.action.params["escalate_to"] == "big"
         assert f.action.params["quality_threshold"] == 0.85
@@ -424,6 +472,10 @@ def test_a_feature_name_shared_by_tenants_is_judged_per_tenant_and_app(tmp_path:
     with Store(tmp_path / "s.duckdb") as store:
         insert(store, shared_feature(), feature="f")
         found = by_tenant(run(store))
+        hours = {
+            t: scope_hours(store, t, a, "gpt-4o")
+            for t, a in (("acme", "support"), ("globex", "helpdesk"))
+        }
     # two findings, on gpt-4o; initech's has no mini samples of its own: no candidate
     assert sorted(found) == ["acme", "globex"]
     apps = {"acme": "support", "globex": "helpdesk"}
@@ -444,7 +496,7 @@ def test_a_feature_name_shared_by_tenants_is_judged_per_tenant_and_app(tmp_path:
     acme = found["acme"].evidence
     assert acme["lp"]["shares"] == pytest.approx({"gpt-4o-mini": 1.0})
     assert found["acme"].monthly_savings_usd == pytest.approx(
-        per_month((cost("gpt-4o") - cost("gpt-4o-mini")) * FOUR)
+        per_month((cost("gpt-4o") - cost("gpt-4o-mini")) * FOUR, hours["acme"])
     )
     # globex: its own 0.60 lets only (0.90 - 0.85) / (0.90 - 0.60) = 1/6 move to mini
     # (on the pooled 0.74 it was 0.3125); every mini answer fails 0.85: the cascade loses
@@ -457,8 +509,9 @@ def test_a_feature_name_shared_by_tenants_is_judged_per_tenant_and_app(tmp_path:
     assert globex["cascade"]["outcomes"] == MINI
     assert globex["chosen"] == "lp"
     assert found["globex"].monthly_savings_usd == pytest.approx(
-        per_month(x_mini * (cost("gpt-4o") - cost("gpt-4o-mini")) * FOUR)
+        per_month(x_mini * (cost("gpt-4o") - cost("gpt-4o-mini")) * FOUR, hours["globex"])
     )
+    assert {t: f.evidence_requests for t, f in found.items()} == {"acme": FOUR, "globex": FOUR}
 
 
 def test_evaluations_are_keyed_by_tenant_app_feature_and_model(tmp_path: Path) -> None:

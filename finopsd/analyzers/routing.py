@@ -1,7 +1,7 @@
 """routing: traffic on an expensive model where a cheaper mix of models meets the quality bar.
 
 **Window.** Whole UTC days: the run's window extended back to the start of
-its first day (monthly projections use that span).
+its first day.
 
 **Scopes.** One scope per tenant × app × feature × (requested) model with at
 least ``min_requests`` requests in the window. Traffic without a feature tag
@@ -65,9 +65,15 @@ a bucket straddling ``T`` counts as failed). Cost per request:
 (the same linear approximation), must meet ``S``.
 
 **Finding** ``routing.model_mix`` per scope whose better option (LP or
-cascade) saves at least ``min_monthly_savings_usd``: saving =
-``(current − option) cost per request × requests in the window``, projected
-to a month. Evidence: the candidates (quality and its source, p95, cost per
+cascade) saves at least ``min_monthly_savings_usd`` a month: the saving in
+each hour = ``(current − option) cost per request × the scope's requests in
+that hour`` (``spend_hourly``), projected to a month over the span from the
+scope's first to its last hour of traffic with an interval (``base.project``:
+a block bootstrap over days); ``evidence_hours`` is that span,
+``evidence_requests`` the scope's requests. Under ``analyzers.min_evidence_hours``
+or ``min_evidence_requests`` the finding is provisional (never acted on
+automatically, its rate not extrapolated from the short span). Evidence:
+the candidates (quality and its source, samples, requests, p95, cost per
 request), the LP shares and the cascade numbers (shown even when the
 cascade would cost more). Action ``gateway.route {"weights": ...}`` or
 ``gateway.cascade {...}``. Confidence grows with the samples behind the
@@ -118,7 +124,7 @@ from finopsd.analyzers.base import (
     Finding,
     Options,
     Window,
-    monthly,
+    dense_hours,
     register,
 )
 from finopsd.pricing import PER_MILLION, SELF_HOSTED, PriceBook
@@ -502,6 +508,7 @@ class Routing(Analyzer):
             pending.append(
                 {
                     "key": (tag(tenant), tag(app), feature, model),
+                    "raw": (tenant, app, feature, model),
                     "requests": int(requests),
                     "cost_usd": cost_usd,
                     "mix": mix,
@@ -511,12 +518,12 @@ class Routing(Analyzer):
                     "priced": priced,
                 }
             )
-        return self._decide(window, opts, pending)
+        return self._decide(ctx, window, opts, pending)
 
     # -- the two options per scope ---------------------------------------------------------
 
     def _decide(
-        self, window: Window, opts: RoutingOptions, pending: list[dict[str, Any]]
+        self, ctx: Context, window: Window, opts: RoutingOptions, pending: list[dict[str, Any]]
     ) -> list[Finding]:
         problems: list[MixProblem] = []
         for item in pending:
@@ -549,9 +556,10 @@ class Routing(Analyzer):
                 )
             )
         solutions = solve_mixes(problems)
+        hourly = self._hourly_requests(ctx, window) if pending else {}
         findings = []
         for item, problem, x in zip(pending, problems, solutions, strict=True):
-            finding = self._finding(window, opts, item, problem, x)
+            finding = self._finding(ctx, opts, item, problem, x, hourly.get(item["raw"], []))
             if finding is not None:
                 findings.append(finding)
         return findings
@@ -595,11 +603,12 @@ class Routing(Analyzer):
 
     def _finding(
         self,
-        window: Window,
+        ctx: Context,
         opts: RoutingOptions,
         item: dict[str, Any],
         problem: MixProblem,
         x: np.ndarray | None,
+        hours: list[tuple[int, int]],
     ) -> Finding | None:
         current: Candidate = item["current"]
         current_cost: float = item["current_cost"]
@@ -626,7 +635,9 @@ class Routing(Analyzer):
         per_request, chosen, best = max(options, key=lambda t: (t[0], t[1] == "lp"))
         requests = item["requests"]
         window_savings = per_request * requests
-        monthly_usd = monthly(window_savings, window)
+        # the saving per hour of the scope's traffic, over its span of hours
+        projection = ctx.project(dense_hours((h, per_request * n) for h, n in hours))
+        monthly_usd = projection.monthly_usd
         if monthly_usd < opts.min_monthly_savings_usd:
             return None
         tenant, app, feature, model = item["key"]
@@ -692,7 +703,8 @@ class Routing(Analyzer):
             "chosen": chosen,
             "window_savings_usd": window_savings,
         }
-        return Finding(
+        return self.finding(
+            ctx,
             kind="routing.model_mix",
             scope=scope,
             title=(
@@ -700,11 +712,13 @@ class Routing(Analyzer):
                 f"(quality >= {item['target']:.2f}; ${monthly_usd:,.2f}/month)"
             ),
             evidence=evidence,
-            monthly_savings_usd=monthly_usd,
+            projection=projection,
+            requests=requests,
             savings_method=(
                 "(current - proposed) cost per request at the scope's token mix and current list "
                 f"prices ({'LP model mix' if chosen == 'lp' else 'cheap-first cascade'}), times "
-                "the requests in the window, projected to a month"
+                "the scope's requests in each hour, projected to a month over the span from its "
+                "first to its last hour of traffic (interval: block bootstrap over days)"
             ),
             confidence=confidence,
             risk="medium",
@@ -826,6 +840,28 @@ class Routing(Analyzer):
                 np.add.at(s.outcomes, at, np.asarray(ns, np.float64))
         per_token = {m: c / t for m, (c, t) in priced.items() if c > 0 and t > 0}
         return out, per_token
+
+    @staticmethod
+    def _hourly_requests(
+        ctx: Context, window: Window
+    ) -> dict[tuple[str | None, str | None, str, str], list[tuple[int, int]]]:
+        """Per tenant × app × feature × model: (epoch hour, requests) of each hour of the
+        window with traffic (``spend_hourly``, as ``routing_daily`` sums it by day)."""
+        rows = ctx.con.execute(
+            """
+            SELECT tenant, app, feature, model, list(h ORDER BY h), list(n ORDER BY h)
+            FROM (
+                SELECT tenant, app, feature, model, epoch(hour)::BIGINT // 3600 AS h,
+                       sum(requests)::BIGINT AS n
+                FROM spend_hourly
+                WHERE feature IS NOT NULL AND hour >= $start AND hour < $end
+                GROUP BY ALL
+            )
+            GROUP BY ALL
+            """,
+            {"start": window.start, "end": window.end},
+        ).fetchall()
+        return {(t, a, f, m): list(zip(hs, ns, strict=True)) for t, a, f, m, hs, ns in rows}
 
     @staticmethod
     def _evaluations(
