@@ -130,7 +130,12 @@ def test_constant_spend_breach_day_and_thresholds(tmp_path: Path) -> None:
         assert ev["fit"]["days"] == 40  # May 1 .. June 9
         assert ev["fit"]["slope_usd_per_day_per_day"] == pytest.approx(0.0, abs=1e-9)
         assert b.monthly_savings_usd == pytest.approx(950.0)
-        assert b.savings_method == "forecast overrun beyond budget"
+        assert b.savings_method.startswith("this month's forecast overrun beyond budget")
+        # the interval: the forecast's, less the budget; the evidence: May 1 .. June 10 12:00
+        assert b.monthly_savings_low_usd == pytest.approx(950.0)
+        assert b.monthly_savings_high_usd == pytest.approx(950.0)
+        assert (b.evidence_hours, b.evidence_requests) == (40.5 * 24, 972)
+        assert not b.provisional
         assert b.risk == "medium"  # breach 11 days away (> 7)
         assert b.action is not None and b.action.actuator == "gateway.rate_limit"
         # what is left of the budget ($1,100) over the 20.5 days left (June 10 12:00 .. July 1)
@@ -224,6 +229,8 @@ def test_growing_tenant_matches_polyfit(tmp_path: Path) -> None:
         assert ev["breach_date"] == "2026-06-20" and ev["breach_by"] == "forecast"
         assert ev["crossed_by"] == "forecast" and ev["threshold_percent"] == 100.0
         assert f.monthly_savings_usd == pytest.approx(point - budget)
+        assert f.monthly_savings_low_usd == pytest.approx(max(0.0, point - q * se - budget))
+        assert f.monthly_savings_high_usd == pytest.approx(point + q * se - budget)
         assert f.risk == "high"  # 5 days to breach
         # the chance the month ends over budget, from the same t distribution
         assert f.confidence == pytest.approx(

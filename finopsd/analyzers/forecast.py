@@ -28,8 +28,14 @@ budgeted tenant whose month-to-date or forecast reaches the lowest of
 ``thresholds`` (fractions of the budget); the evidence says which threshold
 was crossed, by the actual month-to-date spend or by the forecast, and the
 day the cumulative spend (actual, then forecast) crosses the budget. The
-"saving" is the forecast overrun beyond the budget; risk grows as the breach
-nears.
+"saving" is the forecast overrun beyond the budget (this month's, not a
+rate: nothing is extrapolated beyond the month), with the forecast's interval
+less the budget as its interval (``monthly_savings_low_usd``/``_high_usd``,
+each at least 0); risk grows as the breach nears. ``evidence_hours`` is the
+series' span from its first hour with spend (at most the start of the
+previous month) to ``now``, ``evidence_requests`` its requests in it; a
+budget is about dollars, so there is no request minimum
+(``min_evidence_requests`` 0).
 """
 
 from __future__ import annotations
@@ -180,6 +186,7 @@ class Forecast(Analyzer):
         "budget warnings"
     )
     Options: ClassVar[type[Options]] = ForecastOptions
+    min_evidence_requests: ClassVar[int] = 0
 
     def run(self, ctx: Context) -> list[Finding]:
         opts = self.options
@@ -196,13 +203,14 @@ class Forecast(Analyzer):
         rows = ctx.con.execute(
             """
             WITH agg AS (
-                SELECT coalesce(tenant, $none) AS tenant, hour, sum(cost_usd) AS cost
+                SELECT coalesce(tenant, $none) AS tenant, hour, sum(cost_usd) AS cost,
+                       sum(requests) AS requests
                 FROM spend_hourly
                 WHERE hour >= $prev AND hour < $now
                 GROUP BY ALL
             )
             SELECT tenant, epoch(hour)::BIGINT // 86400 - $d0 AS d, sum(cost) AS cost,
-                   min(epoch(hour))::BIGINT AS first_s
+                   min(epoch(hour))::BIGINT AS first_s, sum(requests)::BIGINT AS requests
             FROM agg
             GROUP BY ALL
             """,
@@ -221,6 +229,9 @@ class Forecast(Analyzer):
         first_s = np.full(len(names) + 1, np.inf)
         np.minimum.at(first_s, idx, np.asarray(rows["first_s"], dtype=float))
         first_s[-1] = first_s[:-1].min()
+        requests = np.zeros(len(names) + 1, dtype=np.int64)
+        np.add.at(requests, idx, np.asarray(rows["requests"], dtype=np.int64))
+        requests[-1] = requests[:-1].sum()
         forecasts = [
             fit_month(
                 tenant,
@@ -238,11 +249,13 @@ class Forecast(Analyzer):
         month = m_start.date()
         ctx.write(lambda con: _keep(con, month, now, opts.interval, forecasts, opts.budgets))
         findings = []
-        for f in forecasts:
+        for i, f in enumerate(forecasts):
             budget = opts.budgets.get(f.tenant)
             if budget is not None:
                 finding = self._budget_finding(f, budget, month, month_start, today, now_s, m_next)
                 if finding is not None:
+                    finding.evidence_hours = max(0.0, (now_s - float(first_s[i])) / 3600)
+                    finding.evidence_requests = int(requests[i])
                     findings.append(finding)
         return findings
 
@@ -331,7 +344,16 @@ class Forecast(Analyzer):
             ),
             evidence=evidence,
             monthly_savings_usd=max(0.0, expected - budget),
-            savings_method="forecast overrun beyond budget",
+            monthly_savings_low_usd=max(
+                0.0, (f.low_usd if f.low_usd is not None else mtd) - budget
+            ),
+            monthly_savings_high_usd=max(
+                0.0, (f.high_usd if f.high_usd is not None else mtd) - budget
+            ),
+            savings_method=(
+                "this month's forecast overrun beyond budget; interval: the forecast's "
+                "prediction interval less the budget"
+            ),
             confidence=round(confidence, 3),
             risk=risk,
             action=action,
