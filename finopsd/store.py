@@ -503,6 +503,35 @@ MIGRATIONS: list[tuple[str, str]] = [
         DROP TABLE findings_v6;
         """,
     ),
+    (
+        "routing: the first and last hour of each scope's traffic per day (evidence span)",
+        """
+        DROP TABLE routing_daily;
+        CREATE TABLE routing_daily (  -- analyzers/routing.py: spend_hourly per day and scope
+            day TIMESTAMPTZ NOT NULL,
+            tenant VARCHAR,
+            app VARCHAR,
+            feature VARCHAR NOT NULL,
+            model VARCHAR NOT NULL,
+            provider VARCHAR,
+            deployment VARCHAR,
+            requests BIGINT NOT NULL,
+            input_tokens BIGINT NOT NULL,
+            output_tokens BIGINT NOT NULL,
+            cache_read_tokens BIGINT NOT NULL,
+            cache_write_tokens BIGINT NOT NULL,
+            cost_usd DOUBLE NOT NULL,
+            list_cost_usd DOUBLE NOT NULL,
+            quality_sum DOUBLE NOT NULL,
+            quality_n BIGINT NOT NULL,
+            priced_cost_usd DOUBLE NOT NULL,  -- over hours without unpriced requests
+            priced_tokens BIGINT NOT NULL,  -- their input + output tokens
+            first_hour TIMESTAMPTZ NOT NULL,  -- the day's first and last hour with requests
+            last_hour TIMESTAMPTZ NOT NULL
+        );
+        DELETE FROM rollup_state WHERE name = 'routing';  -- the next run rebuilds both tables
+        """,
+    ),
 ]
 """Schema migrations, applied in order; a migration's version is its position + 1.
 Never edit a released migration: append a new one.

@@ -201,11 +201,29 @@ def test_lp_mix_at_the_quality_boundary(tmp_path: Path) -> None:
     assert f.monthly_savings_usd == pytest.approx(per_month(saved, hours))
     assert (f.evidence_hours, f.evidence_requests, f.provisional) == (hours, 200, False)
     assert f.evidence["projection"]["observed_savings_usd"] == pytest.approx(saved)
-    # four days of traffic: an interval around the point (the days differ)
-    assert f.monthly_savings_low_usd < f.monthly_savings_usd < f.monthly_savings_high_usd
+    # four days of 50 requests each: every day saves the same, the interval is the point
+    assert f.monthly_savings_low_usd == pytest.approx(f.monthly_savings_usd)
+    assert f.monthly_savings_high_usd == pytest.approx(f.monthly_savings_usd)
     assert f.action is not None and f.action.actuator == "gateway.route"
     assert f.action.params["weights"] == pytest.approx(ev["lp"]["shares"])
     assert f.kind == "routing.model_mix" and f.risk == "medium"
+
+
+def test_uneven_days_widen_the_interval_not_the_point(tmp_path: Path) -> None:
+    """Day 0 carries 100 of big's 200 requests, days 1-3 the rest: the point is still the
+    saving over the scope's hours; the days' spread gives an interval around it."""
+    with Store(tmp_path / "s.duckdb") as store:
+        specs = standard()
+        insert(store, specs[:100], days=1, minutes=300)  # big, all on day 0
+        insert(store, specs[100:200], start=100, day=1, days=3)  # big, days 1-3
+        insert(store, specs[200:], start=200)
+        f = only_finding(run(store))
+        hours = scope_hours(store, "acme", "bot", "big")
+    saved = f.evidence["window_savings_usd"]
+    assert f.evidence_requests == 200
+    assert f.monthly_savings_usd == pytest.approx(per_month(saved, hours))
+    assert f.monthly_savings_low_usd < f.monthly_savings_usd < f.monthly_savings_high_usd
+    assert f.evidence["projection"]["periods"] == 4 and not f.provisional
 
 
 def test_two_hours_of_traffic_give_a_provisional_finding(tmp_path: Path) -> None:

@@ -124,7 +124,6 @@ from finopsd.analyzers.base import (
     Finding,
     Options,
     Window,
-    dense_hours,
     register,
 )
 from finopsd.pricing import PER_MILLION, SELF_HOSTED, PriceBook
@@ -208,7 +207,8 @@ _DAILY = f"""
            sum(cache_write_tokens), sum(cost_usd), sum(list_cost_usd),
            sum(quality_sum), sum(quality_n),
            coalesce(sum(cost_usd) FILTER (WHERE unpriced_requests = 0), 0),
-           coalesce(sum(input_tokens + output_tokens) FILTER (WHERE unpriced_requests = 0), 0)
+           coalesce(sum(input_tokens + output_tokens) FILTER (WHERE unpriced_requests = 0), 0),
+           min(hour), max(hour)
     FROM spend_hourly
     WHERE feature IS NOT NULL AND {{where}}
     GROUP BY ALL
@@ -380,6 +380,17 @@ class ModelFeature:
         below = math.ceil(target * QUALITY_SCALE - 1e-9)  # buckets < this start below target
         failed = float(self.outcomes[: max(0, min(below, QUALITY_SCALE + 1)) + 1].sum())
         return failed / known, known
+
+
+@dataclass(frozen=True)
+class _Traffic:
+    """A scope's requests per UTC day (epoch days, ascending) and its first and last epoch
+    hour with requests."""
+
+    days: np.ndarray
+    requests: np.ndarray
+    first_hour: int
+    last_hour: int
 
 
 ScopeKey = tuple[str | None, str | None, str]
@@ -556,10 +567,10 @@ class Routing(Analyzer):
                 )
             )
         solutions = solve_mixes(problems)
-        hourly = self._hourly_requests(ctx, window) if pending else {}
+        traffic = self._daily_requests(ctx, window) if pending else {}
         findings = []
         for item, problem, x in zip(pending, problems, solutions, strict=True):
-            finding = self._finding(ctx, opts, item, problem, x, hourly.get(item["raw"], []))
+            finding = self._finding(ctx, opts, item, problem, x, traffic.get(item["raw"]))
             if finding is not None:
                 findings.append(finding)
         return findings
@@ -608,7 +619,7 @@ class Routing(Analyzer):
         item: dict[str, Any],
         problem: MixProblem,
         x: np.ndarray | None,
-        hours: list[tuple[int, int]],
+        traffic: _Traffic | None,
     ) -> Finding | None:
         current: Candidate = item["current"]
         current_cost: float = item["current_cost"]
@@ -635,8 +646,17 @@ class Routing(Analyzer):
         per_request, chosen, best = max(options, key=lambda t: (t[0], t[1] == "lp"))
         requests = item["requests"]
         window_savings = per_request * requests
-        # the saving per hour of the scope's traffic, over its span of hours
-        projection = ctx.project(dense_hours((h, per_request * n) for h, n in hours))
+        # the saving per day of the scope's traffic (0 on its days without any), over
+        # the span from its first to its last hour with requests; each day counts as an
+        # equal share of that span (the first and last may be partial)
+        per_day, span_hours = np.zeros(1), 0.0
+        if traffic is not None and len(traffic.days):
+            per_day = np.zeros(int(traffic.days[-1] - traffic.days[0]) + 1)
+            per_day[traffic.days - traffic.days[0]] = traffic.requests * per_request
+            span_hours = float(traffic.last_hour - traffic.first_hour + 1)
+        projection = ctx.project(
+            per_day, max(span_hours, 1.0) / len(per_day), span_hours=span_hours
+        )
         monthly_usd = projection.monthly_usd
         if monthly_usd < opts.min_monthly_savings_usd:
             return None
@@ -842,26 +862,34 @@ class Routing(Analyzer):
         return out, per_token
 
     @staticmethod
-    def _hourly_requests(
+    def _daily_requests(
         ctx: Context, window: Window
-    ) -> dict[tuple[str | None, str | None, str, str], list[tuple[int, int]]]:
-        """Per tenant × app × feature × model: (epoch hour, requests) of each hour of the
-        window with traffic (``spend_hourly``, as ``routing_daily`` sums it by day)."""
-        rows = ctx.con.execute(
+    ) -> dict[tuple[str | None, str | None, str, str], _Traffic]:
+        """Per tenant × app × feature × model: its requests per UTC day of the window and
+        its first and last hour with requests (``routing_daily``)."""
+        table = ctx.con.execute(
             """
-            SELECT tenant, app, feature, model, list(h ORDER BY h), list(n ORDER BY h)
+            SELECT tenant, app, feature, model, list(d ORDER BY d), list(n ORDER BY d),
+                   min(first_h), max(last_h)
             FROM (
-                SELECT tenant, app, feature, model, epoch(hour)::BIGINT // 3600 AS h,
-                       sum(requests)::BIGINT AS n
-                FROM spend_hourly
-                WHERE feature IS NOT NULL AND hour >= $start AND hour < $end
+                SELECT tenant, app, feature, model, epoch(day)::BIGINT // 86400 AS d,
+                       sum(requests)::BIGINT AS n,
+                       min(epoch(first_hour)::BIGINT // 3600) AS first_h,
+                       max(epoch(last_hour)::BIGINT // 3600) AS last_h
+                FROM routing_daily
+                WHERE day >= $start AND day < $end
                 GROUP BY ALL
             )
             GROUP BY ALL
             """,
             {"start": window.start, "end": window.end},
         ).fetchall()
-        return {(t, a, f, m): list(zip(hs, ns, strict=True)) for t, a, f, m, hs, ns in rows}
+        return {
+            (t, a, f, m): _Traffic(
+                np.asarray(days, np.int64), np.asarray(ns, np.float64), int(lo), int(hi)
+            )
+            for t, a, f, m, days, ns, lo, hi in table
+        }
 
     @staticmethod
     def _evaluations(
