@@ -65,11 +65,12 @@ a bucket straddling ``T`` counts as failed). Cost per request:
 (the same linear approximation), must meet ``S``.
 
 **Finding** ``routing.model_mix`` per scope whose better option (LP or
-cascade) saves at least ``min_monthly_savings_usd`` a month: the saving in
-each hour = ``(current − option) cost per request × the scope's requests in
-that hour`` (``spend_hourly``), projected to a month over the span from the
-scope's first to its last hour of traffic with an interval (``base.project``:
-a block bootstrap over days); ``evidence_hours`` is that span,
+cascade) saves at least ``min_monthly_savings_usd`` a month: the saving on
+each UTC day = ``(current − option) cost per request × the scope's requests
+that day``, projected to a month over the span from the scope's first to its
+last hour with requests (``routing_daily`` keeps each day's first and last
+hour), with an interval (``base.project``: a bootstrap over the days, each an
+equal share of the span); ``evidence_hours`` is that span,
 ``evidence_requests`` the scope's requests. Under ``analyzers.min_evidence_hours``
 or ``min_evidence_requests`` the finding is provisional (never acted on
 automatically, its rate not extrapolated from the short span). Evidence:
