@@ -738,8 +738,8 @@ class Routing(Analyzer):
             savings_method=(
                 "(current - proposed) cost per request at the scope's token mix and current list "
                 f"prices ({'LP model mix' if chosen == 'lp' else 'cheap-first cascade'}), times "
-                "the scope's requests in each hour, projected to a month over the span from its "
-                "first to its last hour of traffic (interval: block bootstrap over days)"
+                "the scope's requests each day, projected to a month over the span from its "
+                "first to its last hour of traffic (interval: bootstrap over its days)"
             ),
             confidence=confidence,
             risk="medium",
