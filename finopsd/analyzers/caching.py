@@ -368,6 +368,20 @@ def _simulate_lru(
     held: list[bool] = []
     hit, move, pop, last_use = held.append, od.move_to_end, od.popitem, od.get
     size = len(od)
+    if ttl_us <= 0:  # LRU only (two loops: this one is the analyzer's hot path)
+        for k, t in zip(keys, times, strict=True):
+            if k in od:
+                move(k)
+                od[k] = t
+                hit(True)
+            else:
+                od[k] = t
+                hit(False)
+                size += 1
+                if size > capacity:
+                    pop(last=False)
+                    size -= 1
+        return np.array(held, bool)
     for k, t in zip(keys, times, strict=True):
         last = last_use(k)
         if last is None:
@@ -379,9 +393,9 @@ def _simulate_lru(
                 size -= 1
         else:
             move(k)
-            if t > last:
+            hit(t - last <= ttl_us)
+            if t > last:  # (late data keeps the later use)
                 od[k] = t
-            hit(ttl_us <= 0 or t - last <= ttl_us)
     return np.array(held, bool)
 
 
