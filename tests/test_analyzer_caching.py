@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from finopsd.analyzers.base import DAYS_PER_MONTH
+from finopsd.analyzers.base import DAYS_PER_MONTH, HOURS_PER_MONTH
 from finopsd.analyzers.caching import Caching
 from finopsd.analyzers.runner import build, run_analyzers, stored_findings
 from finopsd.pricing import PriceBook
@@ -96,7 +96,9 @@ def by_kind(findings: list[Any], kind: str) -> dict[str, Any]:
 
 
 def monthly_over(amount: float, start: datetime, end: datetime = NOW) -> float:
-    return amount / ((end - start) / timedelta(days=1)) * DAYS_PER_MONTH
+    """``amount`` seen over traffic within [start, end], per month as the analyzers project
+    it: a span under analyzers.min_evidence_hours (24) is taken as 24 hours (provisional)."""
+    return amount / max((end - start) / timedelta(hours=1), 24.0) * HOURS_PER_MONTH
 
 
 # -- the Mooncake trace, simulated independently ---------------------------------------------
@@ -633,6 +635,75 @@ def test_defaults_hold_back_small_findings(tmp_path: Path) -> None:
         (result,) = run_analyzers(store, PRICES, [analyzer], now=NOW)
     assert result.error is None
     assert result.findings == []
+
+
+def test_seconds_of_traffic_make_a_provisional_finding(tmp_path: Path) -> None:
+    """2,000 requests in 30 seconds sharing a long prompt prefix: a finding, but provisional
+    (0.0083 h of traffic), never eligible for an action, and its monthly figure the saving
+    seen taken as a whole day's (not 2,880 x it, as 30 s extrapolated to a month)."""
+    start = NOW - timedelta(minutes=5)
+    rows = [
+        {
+            "event_id": f"burst{i}",
+            "ts": start + timedelta(milliseconds=15 * i),
+            "input_tokens": 4096,
+            "prefix_hashes": [11, 12, 13, 14, 15, 16, 17, 100 + i],
+        }
+        for i in range(2000)
+    ]
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, rows, NOW)
+        findings, _ = run(store)
+        (f,) = [x for x in findings if x.kind == "caching.prompt_prefix"]
+        (row,) = stored_findings(store.cursor(), analyzer="caching")
+    seen = f.evidence["saved_usd"]
+    span_h = 15 * 1999 / 1000 / 3600
+    assert seen > 0
+    assert f.evidence_hours == pytest.approx(span_h)
+    assert f.evidence_requests == 2000
+    assert f.provisional and not f.eligible_for_action
+    assert "(provisional: 0.0083 h of traffic)" in f.title
+    assert f.monthly_savings_usd == pytest.approx(seen / 24 * HOURS_PER_MONTH)
+    assert f.monthly_savings_low_usd == 0.0
+    assert f.monthly_savings_high_usd == pytest.approx(seen / span_h * HOURS_PER_MONTH)
+    assert row["provisional"] is True and row["eligible_for_action"] is False
+    assert row["evidence_hours"] == pytest.approx(span_h)
+
+
+def test_exact_repeats_count_the_whole_window_on_the_first_run(tmp_path: Path) -> None:
+    """Seven days of traffic, every prompt asked twice 10 minutes apart: the first run
+    (backfill_hours 6 by default, for the prefix caches) counts all 2,100 repeats of the
+    week, and projects the week's repeat cost over 7 days."""
+    start = NOW - timedelta(days=7, minutes=20)  # the last repeat 10 minutes before NOW
+    rows = []
+    for k in range(2100):
+        t = start + timedelta(minutes=4.8 * k)
+        for n, dt in enumerate((0, 10)):
+            rows.append(
+                {
+                    "event_id": f"w{k}-{n}",
+                    "ts": t + timedelta(minutes=dt),
+                    "tenant": "acme",
+                    "app": "bot",
+                    "feature": "faq",
+                    "prompt_hash": f"q{k}",
+                    "input_tokens": 800,
+                    "cost_usd": 0.01 + 0.001 * (k % 7),
+                }
+            )
+    repeat_cost = sum(r["cost_usd"] for r in rows if r["event_id"].endswith("-1"))
+    by_hand = repeat_cost / 7 * DAYS_PER_MONTH
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, rows, NOW)
+        findings, analyzer = run(store)
+    (f,) = by_kind(findings, "caching.response_repeats").values()
+    assert analyzer.last_pass is not None and analyzer.last_pass.prompt_requests == 4200
+    assert f.evidence["requests"] == 4200
+    assert f.evidence["repeat_requests"] == 2100
+    assert f.evidence["repeat_cost_usd"] == pytest.approx(repeat_cost)
+    assert f.monthly_savings_usd == pytest.approx(by_hand, rel=0.02)
+    assert f.monthly_savings_low_usd <= by_hand <= f.monthly_savings_high_usd
+    assert f.evidence_hours == pytest.approx(7 * 24, abs=1) and not f.provisional
 
 
 def test_first_run_backfills_only_recent_events(tmp_path: Path) -> None:

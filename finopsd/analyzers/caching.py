@@ -89,16 +89,22 @@ reloads them from the tables first.
 **Backfill.** The LRU has to be simulated one block access at a time (an
 ``OrderedDict``, about 0.5-1 µs an access here), and a from-scratch pass over
 a large history is slow anyway (10 M events, 30 M blocks: well over 10 s on
-2 cores). So the first run (no watermark) simulates only the events at most
-``backfill_hours`` (default 6) older than its ``now`` (``0``: the whole
-history, exact but slow) and never looks at older ones; from then on every
-new event is simulated. A store that finopsd's own ingest fills is analysed
-from its first hour anyway: the backfill only matters when the analyzer is
-turned on over an existing history. Findings cover only what was simulated:
-from the window's start, or from the first simulated event if later
-(``covered_start`` / ``covered_days`` in the evidence), and monthly figures
-are projected from that covered span. Every figure, the LRU's included, is
-therefore exact over the covered span, not a sample of it.
+2 cores). So the first run (no watermark) simulates the prefix caches only for
+the events at most ``backfill_hours`` (default 6) older than its ``now``
+(``0``: the whole history, exact but slow) and never looks at older ones for
+them; from then on every new event is simulated. Exact repeats cost one key
+lookup a request, so the first run counts them over the whole window's
+history (a day at a time, before the backfill's events). A store that
+finopsd's own ingest fills is analysed from its first hour anyway: the
+backfill only matters when the analyzer is turned on over an existing
+history. Prefix findings cover only what was simulated: from the window's
+start, or from the first simulated event if later. Every finding's saving is
+summed per hour and projected to a month over the hours from the scope's
+first to its last hour with traffic (``base.project``; the exact first-to-last
+event time when shorter: seconds of traffic are not an hour), with the
+interval and the provisional rule of ``base``; ``covered_start`` /
+``covered_days`` in the evidence are that span. Every figure, the LRU's
+included, is therefore exact over the covered span, not a sample of it.
 
 Limits, stated: an event ingested after later events were processed (late
 data) is simulated as if it came after them; the unbounded cache state grows
@@ -117,7 +123,7 @@ import hashlib
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, ClassVar
 
 import duckdb
@@ -133,8 +139,9 @@ from finopsd.analyzers.base import (
     Context,
     Finding,
     Options,
+    Projection,
     Window,
-    monthly,
+    dense_hours,
     register,
 )
 from finopsd.pricing import PER_MILLION, PriceBook
@@ -449,13 +456,17 @@ def _process(
     opts: CachingOptions,
     caches: _Caches | None,
     now: datetime,
+    window_start: datetime | None = None,
 ) -> tuple[_Caches, _Pass, datetime | None]:
     """Fold the events ingested since the watermark into the caching tables and caches.
 
     Runs in the caller's transaction (which holds the store's write lock, so
     no event can be committed behind the new watermark meanwhile). Returns the
     caches, now matching the new watermark, what was done, and the ts of the
-    first event ever simulated (None: none yet).
+    first event ever simulated (None: none yet). On the first run the exact
+    repeats of the events from ``window_start`` to the backfill's start are
+    counted first (``_repeat_history``): only the prefix caches are backfilled
+    no further than ``backfill_hours``.
     """
     done = _Pass()
     row = con.execute(
@@ -472,9 +483,14 @@ def _process(
     new = "TRUE" if watermark is None else "ingested_at > $w"
     params: dict[str, Any] = {} if watermark is None else {"w": watermark}
     recent = "TRUE"
+    history = 0
     if watermark is None and opts.backfill_hours > 0:
         recent = "ts >= $from"
         params["from"] = now - timedelta(hours=opts.backfill_hours)
+        if window_start is not None:
+            history = _repeat_history(
+                con, opts.response_ttl_s, caches, window_start, params["from"]
+            )
     table = con.execute(
         f"""
         SELECT ts, {_HOUR} AS hour, tenant, app, feature, provider, request_model AS model,
@@ -500,6 +516,7 @@ def _process(
             states.append((SINCE, since))
         _repeats(con, table, opts.response_ttl_s, caches, done)
         _prefixes(con, table, opts, caches, done)
+        done.prompt_requests += history
     else:  # nothing to simulate; still move past what was looked at
         top = con.execute(
             f"SELECT max(ingested_at) FROM usage_events WHERE {new}",
@@ -507,6 +524,7 @@ def _process(
         )
         top_row = top.fetchone()
         newest = top_row[0] if top_row else None
+        done.prompt_requests = history
         if newest is None:
             return caches, done, since
         states = [(NAME, newest)]
@@ -516,6 +534,43 @@ def _process(
     )
     caches.tag = (path, newest)
     return caches, done, since
+
+
+def _repeat_history(
+    con: duckdb.DuckDBPyConnection,
+    ttl_s: float,
+    caches: _Caches,
+    start: datetime,
+    end: datetime,
+) -> int:
+    """First run: exact repeats of the events with a prompt_hash in [start, end), a UTC day
+    at a time (memory bounded by a day's events), into ``caching_response_hourly`` and the
+    prompt keys, before the backfill's own events. Returns the requests counted.
+
+    An exact repeat costs one key lookup a request, so all the window's history is
+    affordable; only the prefix caches' simulation is limited to ``backfill_hours``.
+    """
+    counted = 0
+    lo = start
+    while lo < end:
+        hi = min(datetime.fromtimestamp((lo.timestamp() // 86400 + 1) * 86400, lo.tzinfo), end)
+        table = con.execute(
+            f"""
+            SELECT ts, {_HOUR} AS hour, tenant, app, feature, deployment, status = 'ok' AS ok,
+                   input_tokens, output_tokens, cost_usd,
+                   hash(tenant, app, feature, request_model, prompt_hash) AS rk
+            FROM usage_events
+            WHERE prompt_hash IS NOT NULL AND ts >= $lo AND ts < $hi
+            ORDER BY ts, event_id, rowid
+            """,
+            {"lo": lo, "hi": hi},
+        ).to_arrow_table()
+        if table.num_rows:
+            part = _Pass()
+            _repeats(con, table, ttl_s, caches, part)
+            counted += part.prompt_requests
+        lo = hi
+    return counted
 
 
 def _previous_ok(rk: np.ndarray, t: np.ndarray, ok: np.ndarray) -> np.ndarray:
@@ -748,6 +803,35 @@ def _prefixes(
 # -- findings --------------------------------------------------------------------------------
 
 
+def _event_span(ctx: Context) -> tuple[datetime | None, datetime | None]:
+    """The ts of the first and the latest event in the window (None: no event)."""
+    row = ctx.con.execute(
+        "SELECT min(ts), max(ts) FROM usage_events WHERE ts >= $lo AND ts < $hi",
+        {"lo": ctx.window.start, "hi": ctx.window.end},
+    ).fetchone()
+    return (row[0], row[1]) if row else (None, None)
+
+
+def _project(
+    ctx: Context,
+    per_hour: dict[int, float],
+    covered: Window,
+    events: tuple[datetime | None, datetime | None],
+) -> Projection:
+    """A scope's saving per hour (epoch hour -> USD, every hour it had traffic present),
+    projected over the hours from its first to its last; when the exact time from the
+    first to the last event (no earlier than the covered start) is shorter, that is the
+    span (seconds of traffic are not an hour of it)."""
+    hours = dense_hours(per_hour.items())
+    span = float(len(hours))
+    first, last = events
+    if hours and first is not None and last is not None:
+        start = max(datetime.fromtimestamp(min(per_hour) * 3600, UTC), covered.start, first)
+        end = min(datetime.fromtimestamp((max(per_hour) + 1) * 3600, UTC), last)
+        span = min(span, max(0.0, (end - start) / timedelta(hours=1)))
+    return ctx.project(hours, span_hours=span)
+
+
 def _covered(since: datetime | None, window: Window) -> Window | None:
     """The part of ``window`` that was simulated (from ``since`` on); None if none was."""
     if since is None:
@@ -811,23 +895,30 @@ class Caching(Analyzer):
         caches, self._caches = self._caches, None  # invalid until the pass commits
 
         def work(con: duckdb.DuckDBPyConnection) -> tuple[_Caches, _Pass, datetime | None]:
-            return _process(con, self.opts, caches, ctx.now)
+            return _process(con, self.opts, caches, ctx.now, ctx.window.start)
 
         self._caches, self.last_pass, since = ctx.write(work)
+        events = _event_span(ctx)
+        # exact repeats cover the whole window (the first run counts its history); the
+        # prefix caches what was simulated
+        out = self._response_findings(ctx, ctx.window, events)
         covered = _covered(since, ctx.window)
-        if covered is None:
-            return []
-        return [*self._response_findings(ctx, covered), *self._prefix_findings(ctx, covered)]
+        if covered is not None:
+            out += self._prefix_findings(ctx, covered, events)
+        return out
 
     # -- exact repeats ---------------------------------------------------------------------
 
-    def _response_findings(self, ctx: Context, covered: Window) -> list[Finding]:
+    def _response_findings(
+        self, ctx: Context, covered: Window, events: tuple[datetime | None, datetime | None]
+    ) -> list[Finding]:
         opts = self.opts
         rows = ctx.con.execute(
             f"""
             WITH r AS (SELECT * FROM caching_response_hourly WHERE {_COVERED_HOURS}),
             {_RATE}
-            SELECT tenant, app, feature, sum(requests), sum(repeat_requests),
+            SELECT tenant, app, feature, epoch(r.hour)::BIGINT // 3600 AS h,
+                   sum(requests), sum(repeat_requests),
                    sum(CASE WHEN r.deployment IS NULL THEN r.cost_usd
                             ELSE r.tokens * rate.usd_per_token END),
                    sum(CASE WHEN r.deployment IS NULL THEN r.repeat_cost_usd
@@ -841,16 +932,25 @@ class Caching(Analyzer):
             """,
             {"lo": covered.start, "hi": covered.end},
         ).fetchall()
+        scopes: dict[tuple[Any, ...], dict[str, Any]] = {}
+        for tenant, app, feature, h, *sums in rows:
+            acc = scopes.setdefault((tenant, app, feature), {"sums": [0, 0, 0.0, 0.0, 0], "by": {}})
+            acc["sums"] = [a + (v or 0) for a, v in zip(acc["sums"], sums, strict=True)]
+            acc["by"][int(h)] = float(sums[3] or 0.0)
         out = []
-        for tenant, app, feature, requests, repeats, cost, repeat_cost, unpriced in rows:
-            repeat_cost = float(repeat_cost or 0.0)
-            saving = monthly(repeat_cost, covered)
+        for (tenant, app, feature), acc in scopes.items():
+            requests, repeats, cost, repeat_cost, unpriced = acc["sums"]
+            repeat_cost = float(repeat_cost)
+            projection = _project(ctx, acc["by"], covered, events)
+            saving = projection.monthly_usd
             if requests < opts.min_requests or not _worth(saving, opts):
                 continue
             scope = {"tenant": tenant or NONE, "app": app or NONE, "feature": feature or NONE}
             ratio = _ratio(repeats, requests)
+            first = datetime.fromtimestamp(min(acc["by"]) * 3600, UTC)
             out.append(
-                Finding(
+                self.finding(
+                    ctx,
                     kind="caching.response_repeats",
                     scope=scope,
                     title=(
@@ -867,15 +967,17 @@ class Caching(Analyzer):
                         "repeat_cost_usd": repeat_cost,
                         "repeat_unpriced_requests": int(unpriced or 0),
                         "ttl_s": opts.response_ttl_s,
-                        "covered_start": covered.start.isoformat(),
-                        "covered_days": covered.days,
+                        "covered_start": max(first, covered.start).isoformat(),
+                        "covered_days": projection.evidence_hours / 24,
                     },
-                    monthly_savings_usd=saving,
+                    projection=projection,
+                    requests=int(requests),
                     savings_method=(
                         "full cost of the requests a response cache would have served (same "
                         "tenant, app, feature, model and prompt_hash answered ok within the "
-                        "TTL; self-hosted at the deployment-hour's cost per token), over the "
-                        "covered span, projected to a month"
+                        "TTL; self-hosted at the deployment-hour's cost per token), per hour, "
+                        "projected to a month over the span from the scope's first to its "
+                        "last request in the window"
                     ),
                     confidence=0.7,
                     risk="medium",
@@ -889,7 +991,9 @@ class Caching(Analyzer):
 
     # -- prefix reuse ----------------------------------------------------------------------
 
-    def _prefix_findings(self, ctx: Context, covered: Window) -> list[Finding]:
+    def _prefix_findings(
+        self, ctx: Context, covered: Window, events: tuple[datetime | None, datetime | None]
+    ) -> list[Finding]:
         opts = self.opts
         rows = ctx.con.execute(
             f"""
@@ -897,7 +1001,7 @@ class Caching(Analyzer):
             {_RATE}
             SELECT CASE WHEN p.deployment IS NULL THEN p.provider END AS provider,
                    CASE WHEN p.deployment IS NULL THEN p.model END AS model,
-                   p.deployment, billing_mode,
+                   p.deployment, billing_mode, epoch(p.hour)::BIGINT // 3600 AS h,
                    sum(requests), sum(input_tokens), sum(cache_read_tokens),
                    sum(unbounded_hit_tokens), sum(lru_hit_tokens), sum(lru_extra_tokens),
                    sum(p.lru_extra_tokens * rate.usd_per_token),
@@ -910,12 +1014,16 @@ class Caching(Analyzer):
             {"lo": covered.start, "hi": covered.end},
         ).fetchall()
         scopes: dict[tuple[str | None, str | None, str | None], dict[str, Any]] = {}
-        for provider, model, deployment, billing_mode, *sums in rows:
+        for provider, model, deployment, billing_mode, h, *values in rows:
+            sums = [v or 0 for v in values]
             acc = scopes.setdefault(
-                (provider, model, deployment), {"by_mode": {}, "sums": [0] * len(sums)}
+                (provider, model, deployment),
+                {"by_mode": {}, "by_hour": {}, "sums": [0] * len(sums)},
             )
-            acc["by_mode"][billing_mode] = sums
-            acc["sums"] = [a + (s or 0) for a, s in zip(acc["sums"], sums, strict=True)]
+            before = acc["by_mode"].get(billing_mode, [0] * len(sums))
+            acc["by_mode"][billing_mode] = [a + v for a, v in zip(before, sums, strict=True)]
+            acc["by_hour"].setdefault(int(h), {})[billing_mode] = sums  # hour: mode -> sums
+            acc["sums"] = [a + v for a, v in zip(acc["sums"], sums, strict=True)]
         out = []
         for (provider, model, deployment), acc in scopes.items():
             requests, inp, cache_read, unb, lru, extra, _usd, _unpriced, *writes = acc["sums"]
@@ -939,10 +1047,12 @@ class Caching(Analyzer):
                 "covered_start": covered.start.isoformat(),
                 "covered_days": covered.days,
             }
+            first = datetime.fromtimestamp(min(acc["by_hour"]) * 3600, UTC)
+            evidence["covered_start"] = max(first, covered.start).isoformat()
             if deployment is None:
-                finding = self._api_prefix(ctx, covered, provider, model, acc, evidence)
+                finding = self._api_prefix(ctx, covered, events, provider, model, acc, evidence)
             else:
-                finding = self._vllm_prefix(covered, deployment, acc, evidence)
+                finding = self._vllm_prefix(ctx, covered, events, deployment, acc, evidence)
             if finding is not None and _worth(finding.monthly_savings_usd, opts):
                 out.append(finding)
         return out
@@ -951,6 +1061,7 @@ class Caching(Analyzer):
         self,
         ctx: Context,
         covered: Window,
+        events: tuple[datetime | None, datetime | None],
         provider: str | None,
         model: str | None,
         acc: dict[str, Any],
@@ -963,15 +1074,22 @@ class Caching(Analyzer):
         p_in, p_cached, p_write, batch_discount = _meters(ctx.prices, price)
         if p_in - p_cached <= 0:
             return None  # no cheaper cache reads: nothing for prompt caching to save
+
         # hits not yet billed as cache reads save (input - cached input); what caching
         # writes beyond today's cache writes costs (cache write - input) more
-        hit_usd = premium_usd = 0.0
-        for mode, sums in acc["by_mode"].items():
-            discount = batch_discount if mode == "batch" else 0.0
-            hit_usd += (sums[5] or 0) * (p_in - p_cached) / PER_MILLION * (1 - discount)
-            premium_usd += (sums[10] or 0) * (p_write - p_in) / PER_MILLION * (1 - discount)
+        def hit_and_premium(by_mode: dict[str, list[Any]]) -> tuple[float, float]:
+            hit_usd = premium_usd = 0.0
+            for mode, sums in by_mode.items():
+                discount = batch_discount if mode == "batch" else 0.0
+                hit_usd += (sums[5] or 0) * (p_in - p_cached) / PER_MILLION * (1 - discount)
+                premium_usd += (sums[10] or 0) * (p_write - p_in) / PER_MILLION * (1 - discount)
+            return hit_usd, premium_usd
+
+        hit_usd, premium_usd = hit_and_premium(acc["by_mode"])
         saved = hit_usd - premium_usd
-        saving = monthly(saved, covered)
+        per_hour = {h: float(np.subtract(*hit_and_premium(m))) for h, m in acc["by_hour"].items()}
+        projection = _project(ctx, per_hour, covered, events)
+        saving = projection.monthly_usd
         scope = {"provider": provider or NONE, "model": model}
         evidence |= {
             "price_id": price.price_id,
@@ -981,8 +1099,10 @@ class Caching(Analyzer):
             "hit_savings_usd": hit_usd,
             "write_premium_usd": premium_usd,
             "saved_usd": saved,
+            "covered_days": projection.evidence_hours / 24,
         }
-        return Finding(
+        return self.finding(
+            ctx,
             kind="caching.prompt_prefix",
             scope=scope,
             title=(
@@ -990,13 +1110,14 @@ class Caching(Analyzer):
                 f"earlier prompt prefix: prompt caching saves ${saving:,.0f}/month"
             ),
             evidence=evidence,
-            monthly_savings_usd=saving,
+            projection=projection,
+            requests=evidence["requests"],
             savings_method=(
                 "LRU prefix-cache hit tokens (within the provider's cache TTL) not already "
                 "billed as cache reads times (input - cached input), less the tokens it "
                 "writes beyond today's cache writes times (cache write - input), at the "
-                "model's current price (batch discount applied), over the covered span, "
-                "projected to a month"
+                "model's current price (batch discount applied), per hour, projected to a "
+                "month over the span of the simulated hours from its first to its last request"
             ),
             confidence=0.6,
             risk="low",
@@ -1012,21 +1133,34 @@ class Caching(Analyzer):
         )
 
     def _vllm_prefix(
-        self, covered: Window, deployment: str, acc: dict[str, Any], evidence: dict[str, Any]
+        self,
+        ctx: Context,
+        covered: Window,
+        events: tuple[datetime | None, datetime | None],
+        deployment: str,
+        acc: dict[str, Any],
+        evidence: dict[str, Any],
     ) -> Finding | None:
         opts = self.opts
         priced_usd, unpriced_tokens = acc["sums"][6], acc["sums"][7]
         saved = float(priced_usd or 0.0) * opts.prefill_share
-        saving = monthly(saved, covered)
+        per_hour = {
+            h: sum(float(v[6] or 0.0) for v in m.values()) * opts.prefill_share
+            for h, m in acc["by_hour"].items()
+        }
+        projection = _project(ctx, per_hour, covered, events)
+        saving = projection.monthly_usd
         evidence |= {
             "prefill_share": opts.prefill_share,
             "savable_cost_usd": float(priced_usd or 0.0),
             "saved_usd": saved,
             "unpriced_savable_tokens": int(unpriced_tokens or 0),
+            "covered_days": projection.evidence_hours / 24,
         }
         if not math.isfinite(saving):
             return None
-        return Finding(
+        return self.finding(
+            ctx,
             kind="caching.vllm_prefix",
             scope={"deployment": deployment},
             title=(
@@ -1034,11 +1168,13 @@ class Caching(Analyzer):
                 f"an earlier prefix: prefix caching saves ${saving:,.0f}/month of prefill"
             ),
             evidence=evidence,
-            monthly_savings_usd=saving,
+            projection=projection,
+            requests=evidence["requests"],
             savings_method=(
                 "LRU prefix-cache hit tokens not already served from cache, times the "
-                "deployment-hour's cost per token, times prefill_share, over the covered "
-                "span, projected to a month"
+                "deployment-hour's cost per token, times prefill_share, per hour, projected "
+                "to a month over the span of the simulated hours from its first to its last "
+                "request"
             ),
             confidence=0.5,
             risk="low",
