@@ -39,6 +39,7 @@ A new analyzer is one module in ``finopsd/analyzers/`` with a subclass of
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -430,19 +431,32 @@ def project(
         return Projection(point, point, point, span, total, n, k, False, level)
     sums = np.add.reduceat(values, np.arange(0, n, per_block))
     lengths = np.diff(np.append(np.arange(0, n, per_block), n)).astype(float)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, k, size=(resamples, k))
+    idx = _draws(k, resamples, seed)
     rates = sums[idx].sum(axis=1) / (lengths[idx].sum(axis=1) * period_hours) * HOURS_PER_MONTH
     q_low, q_high = np.quantile(rates, [(1 - level) / 2, (1 + level) / 2])
-    from scipy import stats  # only here: importing it costs a second
-
-    z = float(stats.norm.ppf((1 + level) / 2))
-    widen = math.sqrt(k / (k - 1)) * float(stats.t.ppf((1 + level) / 2, k - 1)) / z
+    widen = _widening(k, level)
     low = point - (point - float(q_low)) * widen
     high = point + (float(q_high) - point) * widen
     if nonneg:
         low = max(low, 0.0)
     return Projection(point, min(low, point), max(high, point), span, total, n, k, False, level)
+
+
+@functools.lru_cache(maxsize=256)
+def _draws(blocks: int, resamples: int, seed: int) -> np.ndarray:
+    """The bootstrap's block indices: the same for every call with the same arguments."""
+    draws = np.random.default_rng(seed).integers(0, blocks, size=(resamples, blocks))
+    draws.setflags(write=False)
+    return draws
+
+
+@functools.lru_cache(maxsize=1024)
+def _widening(blocks: int, level: float) -> float:
+    """``sqrt(k / (k - 1)) * t(k - 1) / z`` for ``k`` blocks (see ``project``)."""
+    from scipy import stats  # only here: importing it costs a second
+
+    z = float(stats.norm.ppf((1 + level) / 2))
+    return math.sqrt(blocks / (blocks - 1)) * float(stats.t.ppf((1 + level) / 2, blocks - 1)) / z
 
 
 def dense_hours(pairs: Iterable[tuple[datetime | int, float]]) -> list[float]:
