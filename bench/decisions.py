@@ -169,10 +169,10 @@ class Stream:
 
 
 BACKGROUND = (
-    Stream("acme", "cx", "support-bot", "answer", "openai", "gpt-4o", 14, 1600, 220),
-    Stream("acme", "cx", "support-bot", "classify", "openai", "gpt-4o-mini", 14, 900, 10),
-    Stream("acme", "cx", "support-bot", "summarize-ticket", "openai", "gpt-4o-mini", 14, 2200, 180),
-    Stream("acme", "cx", "support-bot", "triage", "openai", "gpt-4.1-mini", 14, 1400, 60),
+    Stream("acme", "cx", "support-bot", "answer", "openai", "gpt-4o", 20, 1600, 220),
+    Stream("acme", "cx", "support-bot", "classify", "openai", "gpt-4o-mini", 20, 900, 10),
+    Stream("acme", "cx", "support-bot", "summarize-ticket", "openai", "gpt-4o-mini", 20, 2200, 180),
+    Stream("acme", "cx", "support-bot", "triage", "openai", "gpt-4.1-mini", 20, 1400, 60),
     Stream("globex", "search", "docs", "search", "anthropic", "claude-sonnet-4-5", 5, 2500, 300),
     Stream("globex", "search", "docs", "summarize", "openai", "gpt-4o", 4, 3000, 400),
     Stream("initech", "dev", "code-assist", "complete", "openai", "gpt-4.1", 6, 1800, 150),
@@ -679,7 +679,7 @@ def _retries(g: Gen, book: Any, days: float) -> Scenario:
         ("waste.errors",),
         {"tenant": "initech", "app": "code-assist", "feature": "review", "model": "gpt-4o"},
         monthly(float(costs(book, failed).sum()), days),
-        f"cost of the {len(failed):,} failed attempts (each retried), per day x 30.4375",
+        f"cost of the {len(failed):,} failed attempts (up to 3 per request), per day x 30.4375",
         g.events,
     )
 
@@ -961,6 +961,7 @@ def run(name: str, end: datetime, book: Any, bootstrap: str, work: Path, timeout
     analyzed = _finopsd("analyze", config=config, ok=(0, 1))
     result = judge(sc, analyzed["findings"])
     result["analyzer_errors"] = {r["analyzer"]: r["error"] for r in analyzed["runs"] if r["error"]}
+    result["analyzer_failed"] = any(k.split(".")[0] in result["analyzer_errors"] for k in sc.kinds)
     result["seconds"] = round(time.perf_counter() - began, 1)
     return result
 
@@ -975,6 +976,9 @@ def usd(x: float | None) -> str:
 
 
 def _row(r: dict[str, Any]) -> str:
+    if r.get("analyzer_failed"):
+        oracle = usd(r["oracle_monthly_usd"])
+        return f"{r['scenario']:<17}{r['days']:>4g} {oracle:>9}  (the analyzer failed)"
     ratio = f"{r['ratio']:.2f}" if r.get("ratio") is not None else "-"
     iv = r["interval_usd"]
     interval = f"[{usd(iv[0])}, {usd(iv[1])}]" if iv else "-"
@@ -1031,20 +1035,19 @@ def print_table(results: list[dict[str, Any]], s: dict[str, Any]) -> None:
                 f"{r['scenario']:<17}{r['days']:>4g} {kinds[:44]:<44}"
                 f"{usd(r['largest_false_usd']):>13}"
             )
-    if waste:
+    if waste and s["ratio_median"] is not None:
         print(
             f"waste: {s['within_tolerance']}/{s['waste_scenarios']} within ±{TOLERANCE:.0%} of "
-            f"the oracle; found/oracle median {s['ratio_median']:.2f} (range "
-            f"{s['ratio_min']:.2f}-{s['ratio_max']:.2f}); oracle inside the interval "
-            f"{s['oracle_inside_interval']}/{s['waste_scenarios']}"
-            if s["ratio_median"] is not None
-            else "waste: no ratio"
+            f"the oracle; found/oracle median {s['ratio_median']:.2f}, range "
+            f"{s['ratio_min']:.2f}-{s['ratio_max']:.2f}\n"
+            f"       oracle inside the interval: {s['oracle_inside_interval']}/"
+            f"{s['waste_scenarios']}; provisional: {s['provisional']}/{s['waste_scenarios']}"
         )
     if controls:
         print(
             f"controls: {s['controls_clean']}/{s['controls']} without a finding above "
-            f"${CONTROL_LIMIT_USD:g}/month; largest false finding ${s['largest_false_usd']:,.2f}"
-            f"/month ({s['largest_false_in']})"
+            f"${CONTROL_LIMIT_USD:g}/month; largest false finding\n"
+            f"       ${s['largest_false_usd']:,.2f}/month ({s['largest_false_in']})"
         )
 
 
