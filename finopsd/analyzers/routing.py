@@ -43,7 +43,10 @@ enters a scope's estimates. Each candidate has:
 **The mix (linear programming).** Traffic shares ``x_m`` minimise
 ``Σ x_m·cost_m`` subject to ``Σ x_m·quality_m ≥ T``, ``Σ x_m = 1``,
 ``0 ≤ x_m ≤ max_share`` for every model but the scope's own (which may keep
-all of it), and, when ``latency_slo_ms`` is set, ``Σ x_m·p95_m ≤ S``. The
+all of it), and, when ``latency_slo_ms`` is set, ``Σ x_m·p95_m ≤ S``. A model
+whose own quality in the scope is below ``T`` takes no share: mixing it in
+would meet the bar on average while every request it answers misses it (the
+cascade below may still use it, escalating what fails). The
 quality bar ``T`` is ``quality_target``, or the scope's current quality when
 that is lower: a change never lowers quality below the target, nor below what
 the traffic gets today. Likewise ``S`` is the SLO, or the scope's current
@@ -550,6 +553,7 @@ class Routing(Analyzer):
                 for c, cost in item["priced"]
                 if c.model != current.model
                 and c.quality is not None
+                and c.quality >= target  # a model that misses the bar is no candidate
                 and (slo is None or c.p95_ms is not None)
             ]
             item["target"], item["slo"], item["lp_members"] = target, slo, lp
