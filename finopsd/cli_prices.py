@@ -161,7 +161,7 @@ def cmd_prices_show(args: argparse.Namespace, settings: Any) -> int:
 
 
 def cmd_prices_reprice(args: argparse.Namespace, settings: Any) -> int:
-    import pyarrow as pa
+    import pyarrow.compute as pc
 
     from finopsd.pricing import SELF_HOSTED, PriceBook
     from finopsd.store import Store, StoreError
@@ -193,19 +193,17 @@ def cmd_prices_reprice(args: argparse.Namespace, settings: Any) -> int:
                     events = rows.drop(["__before", "__catalog"])
                     priced, _stats = book.price(events)
                     after = priced.column("cost_usd")
-                    changed = sum(
-                        1
-                        for b, a in zip(before.to_pylist(), after.to_pylist(), strict=True)
-                        if (a is None) != (b is None) or (a is not None and abs(a - b) > 1e-12)
-                    )
+                    mask = _changed(before, after)
+                    changed = int(pc.sum(mask).as_py() or 0)
                     totals["events"] += rows.num_rows
                     totals["changed"] += changed
-                    totals["cost_before_usd"] += float(pa.compute.sum(before).as_py() or 0)
-                    totals["cost_after_usd"] += float(pa.compute.sum(after).as_py() or 0)
-                    for c in rows.column("__catalog").to_pylist():
-                        catalogs[c or "unpriced"] = catalogs.get(c or "unpriced", 0) + 1
+                    totals["cost_before_usd"] += float(pc.sum(before).as_py() or 0)
+                    totals["cost_after_usd"] += float(pc.sum(after).as_py() or 0)
+                    counts = pc.value_counts(pc.fill_null(rows.column("__catalog"), "unpriced"))
+                    for item in counts.to_pylist():
+                        catalogs[item["values"]] = catalogs.get(item["values"], 0) + item["counts"]
                     if not args.dry_run and changed:
-                        update = priced.select(["event_id", *_PRICED_COLUMNS])
+                        update = priced.select(["event_id", *_PRICED_COLUMNS]).filter(mask)
                         store.write(lambda c, u=update, s=day, e=until: _apply(c, u, s, e))
                     if not args.json:
                         print(
@@ -237,6 +235,14 @@ def cmd_prices_reprice(args: argparse.Namespace, settings: Any) -> int:
             f"${totals['cost_before_usd']:,.2f} -> ${totals['cost_after_usd']:,.2f}"
         )
     return 0
+
+
+def _changed(before: Any, after: Any) -> Any:
+    """Per event: the cost went from priced to unpriced or back, or moved by over 1e-12."""
+    import pyarrow.compute as pc
+
+    moved = pc.fill_null(pc.greater(pc.abs(pc.subtract(after, before)), 1e-12), False)
+    return pc.or_(moved, pc.xor(pc.is_null(before), pc.is_null(after)))
 
 
 def _apply(con: Any, update: Any, start: datetime, end: datetime) -> None:
