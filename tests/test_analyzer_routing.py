@@ -57,11 +57,13 @@ def cost(model: str) -> float:
 
 
 def scope_hours(store: Store, tenant: str, app: str, model: str) -> int:
-    """Hours from the scope's first to its last hour with a request (both included)."""
+    """Hours from the scope's first hour with a request to the last hour observed (the
+    latest event in the store), both included."""
     row = (
         store.cursor()
         .execute(
-            "SELECT max(epoch(ts)::BIGINT // 3600) - min(epoch(ts)::BIGINT // 3600) + 1 "
+            "SELECT (SELECT max(epoch(ts)::BIGINT // 3600) FROM usage_events) "
+            "- min(epoch(ts)::BIGINT // 3600) + 1 "
             "FROM usage_events WHERE tenant = ? AND app = ? AND request_model = ?",
             [tenant, app, model],
         )
@@ -172,7 +174,7 @@ def test_lp_takes_the_cheapest_models_that_meet_the_bar(tmp_path: Path) -> None:
         insert(store, standard())
         f = only_finding(run(store))
         hours = scope_hours(store, "acme", "bot", "big")
-    assert hours == 3 * 24 + 4  # day 0 00:00 to day 3 03:19 (the 200th request)
+    assert hours == 3 * 24 + 5  # day 0 00:00 to day 3 04:xx (the store's latest request)
     # by hand: small (0.70) misses the 0.85 bar on every answer, so it takes no share
     # (mixed in, 83 % mid + 17 % small would meet it on average); mid alone (0.88) is
     # the cheapest model that meets it

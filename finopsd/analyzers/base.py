@@ -11,8 +11,12 @@ Evidence and projections (the contract every analyzer keeps):
 
 - A monthly figure is the saving over the span its evidence covers, divided by
   that span: ``project(per_period_savings, period_hours)``, never a division by
-  the query window. The span (``evidence_hours``) runs from the first to the
-  last period with relevant traffic, whole periods, whatever the window is.
+  the query window. The span (``evidence_hours``) runs from the first period
+  with relevant traffic to the last hour observed (``Context.last_hour``: the
+  latest event or GPU sample stored), whole periods, whatever the window is:
+  waste that stopped, or that recurs only now and then (a nightly job), is
+  seen over all the time it was watched, not only between its own first and
+  last hour (``Context.hours`` builds such a series).
 - Every projection carries an interval, ``monthly_savings_low_usd`` ..
   ``monthly_savings_high_usd``: a block bootstrap of the per-period savings
   (see ``project``), with a fixed seed, so the same data gives the same figures.
@@ -230,6 +234,14 @@ class Context:
     """``write(fn)`` runs ``fn(connection)`` in one store transaction (derived tables only)."""
     min_evidence_hours: float = MIN_EVIDENCE_HOURS
     """``analyzers.min_evidence_hours``: a shorter span makes a finding provisional."""
+    last_hour: int | None = None
+    """The epoch hour of the latest usage event or GPU sample in the window: where what
+    has been observed ends (None: unknown; a span then ends at its own last hour)."""
+
+    def hours(self, pairs: Iterable[tuple[datetime | int, float]]) -> list[float]:
+        """``dense_hours(pairs)`` continued with 0s up to ``last_hour``: the saving per hour
+        from the first hour given to the last hour observed."""
+        return dense_hours(pairs, through=self.last_hour)
 
     def project(
         self,
@@ -459,11 +471,14 @@ def _widening(blocks: int, level: float) -> float:
     return math.sqrt(blocks / (blocks - 1)) * float(stats.t.ppf((1 + level) / 2, blocks - 1)) / z
 
 
-def dense_hours(pairs: Iterable[tuple[datetime | int, float]]) -> list[float]:
+def dense_hours(
+    pairs: Iterable[tuple[datetime | int, float]], *, through: int | None = None
+) -> list[float]:
     """Savings per UTC hour from the first to the last hour given, missing hours 0.
 
     ``pairs``: (hour, saving), the hour a datetime (floored to its hour) or an
-    epoch hour number; the same hour given twice is summed.
+    epoch hour number; the same hour given twice is summed. ``through``: an
+    epoch hour the series runs to at least (0s after the last hour given).
     """
     acc: dict[int, float] = {}
     for hour, value in pairs:
@@ -472,6 +487,8 @@ def dense_hours(pairs: Iterable[tuple[datetime | int, float]]) -> list[float]:
     if not acc:
         return []
     first, last = min(acc), max(acc)
+    if through is not None:
+        last = max(last, through)
     out = [0.0] * (last - first + 1)
     for h, value in acc.items():
         out[h - first] = value

@@ -59,7 +59,6 @@ from finopsd.analyzers.base import (
     Context,
     Finding,
     Options,
-    dense_hours,
     register,
 )
 
@@ -173,7 +172,7 @@ class Batch(Analyzer):
             price = acc["price"]
             saved = acc["cost"] * price.batch_discount
             projection = ctx.project(
-                [c * price.batch_discount for c in dense_hours(acc["hours"])], 1.0
+                [c * price.batch_discount for c in ctx.hours(acc["hours"])], 1.0
             )
             monthly_usd = projection.monthly_usd
             if monthly_usd <= 0 or monthly_usd < opts.min_monthly_savings_usd:

@@ -141,7 +141,6 @@ from finopsd.analyzers.base import (
     Options,
     Projection,
     Window,
-    dense_hours,
     register,
 )
 from finopsd.pricing import PER_MILLION, PriceBook
@@ -819,15 +818,16 @@ def _project(
     events: tuple[datetime | None, datetime | None],
 ) -> Projection:
     """A scope's saving per hour (epoch hour -> USD, every hour it had traffic present),
-    projected over the hours from its first to its last; when the exact time from the
-    first to the last event (no earlier than the covered start) is shorter, that is the
-    span (seconds of traffic are not an hour of it)."""
-    hours = dense_hours(per_hour.items())
+    projected over the hours from its first to the last hour observed (``ctx.hours``);
+    when the exact time from the first to the latest event (no earlier than the covered
+    start) is shorter, that is the span (seconds of traffic are not an hour of it)."""
+    hours = ctx.hours(per_hour.items())
     span = float(len(hours))
     first, last = events
     if hours and first is not None and last is not None:
-        start = max(datetime.fromtimestamp(min(per_hour) * 3600, UTC), covered.start, first)
-        end = min(datetime.fromtimestamp((max(per_hour) + 1) * 3600, UTC), last)
+        first_h = min(per_hour)
+        start = max(datetime.fromtimestamp(first_h * 3600, UTC), covered.start, first)
+        end = min(datetime.fromtimestamp((first_h + len(hours)) * 3600, UTC), last)
         span = min(span, max(0.0, (end - start) / timedelta(hours=1)))
     return ctx.project(hours, span_hours=span)
 

@@ -71,7 +71,6 @@ from finopsd.analyzers.base import (
     Finding,
     Options,
     Projection,
-    dense_hours,
     register,
 )
 from finopsd.pricing import PER_MILLION, PriceBook, cost_per_million_tokens
@@ -336,7 +335,7 @@ class Gpu(Analyzer):
     def _per_hour_up(ctx: Context, d: _Deployment, usd_per_hour: float) -> Projection:
         """``usd_per_hour`` saved in every hour the deployment was up, projected to a month
         over the span from its first to its last hour up."""
-        return ctx.project(dense_hours((h, usd_per_hour) for h in d.up_hours))
+        return ctx.project(ctx.hours((h, usd_per_hour) for h in d.up_hours))
 
     # -- (a) under-used ----------------------------------------------------------------------
 
@@ -540,7 +539,7 @@ class Gpu(Analyzer):
                 {"d": name, "start": start, "end": end},
             ).fetchall()
             projection = ctx.project(
-                dense_hours(
+                ctx.hours(
                     (int(h), float(c) - api_per_m * float(t) / PER_MILLION) for h, c, t in per_hour
                 )
             )

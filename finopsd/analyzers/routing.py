@@ -652,13 +652,14 @@ class Routing(Analyzer):
         requests = item["requests"]
         window_savings = per_request * requests
         # the saving per day of the scope's traffic (0 on its days without any), over
-        # the span from its first to its last hour with requests; each day counts as an
-        # equal share of that span (the first and last may be partial)
+        # the span from its first hour with requests to the last hour observed; each day
+        # counts as an equal share of that span (the first and last may be partial)
         per_day, span_hours = np.zeros(1), 0.0
         if traffic is not None and len(traffic.days):
-            per_day = np.zeros(int(traffic.days[-1] - traffic.days[0]) + 1)
+            last_hour = max(traffic.last_hour, ctx.last_hour or 0)
+            per_day = np.zeros(int(last_hour // 24 - traffic.days[0]) + 1)
             per_day[traffic.days - traffic.days[0]] = traffic.requests * per_request
-            span_hours = float(traffic.last_hour - traffic.first_hour + 1)
+            span_hours = float(last_hour - traffic.first_hour + 1)
         projection = ctx.project(
             per_day, max(span_hours, 1.0) / len(per_day), span_hours=span_hours
         )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import math
 import pkgutil
 import time
 from collections.abc import Mapping, Sequence
@@ -113,9 +114,12 @@ def run_analyzers(
         from finopsd.analyzers.spend import refresh
 
         store.write(refresh)  # the rollups every other analyzer reads
+    last_hour = observed_until(store, window)
     for analyzer in analyzers:
         started = time.perf_counter()
-        ctx = Context(store.cursor(), window, now, prices, store.write, min_evidence_hours)
+        ctx = Context(
+            store.cursor(), window, now, prices, store.write, min_evidence_hours, last_hour
+        )
         try:
             findings = analyzer.run(ctx)
             for f in findings:
@@ -129,6 +133,25 @@ def run_analyzers(
         store.write(lambda con, run=run: _record(con, run, window, now))
         runs.append(run)
     return runs
+
+
+def observed_until(store: Store, window: Window) -> int | None:
+    """The epoch hour of the latest usage event or GPU sample in ``window`` (None: none)."""
+    row = (
+        store.cursor()
+        .execute(
+            """
+        SELECT greatest(
+            (SELECT max(ts) FROM usage_events WHERE ts >= $start AND ts < $end),
+            (SELECT max(ts) FROM gpu_samples WHERE ts >= $start AND ts < $end))
+        """,
+            {"start": window.start, "end": window.end},
+        )
+        .fetchone()
+    )
+    if row is None or row[0] is None:
+        return None
+    return math.floor(row[0].timestamp() / 3600)
 
 
 def _record(
