@@ -532,6 +532,23 @@ MIGRATIONS: list[tuple[str, str]] = [
         DELETE FROM rollup_state WHERE name = 'routing';  -- the next run rebuilds both tables
         """,
     ),
+    (
+        "waste: the failed requests that were retried, with their cost",
+        """
+        CREATE TABLE waste_retried_errors (  -- analyzers/waste.py: failed requests re-sent
+            event_id VARCHAR PRIMARY KEY,  -- the failed request
+            ts TIMESTAMPTZ NOT NULL,
+            tenant VARCHAR,
+            app VARCHAR,
+            feature VARCHAR,
+            model VARCHAR NOT NULL,
+            cost_usd DOUBLE,
+            gap_s DOUBLE NOT NULL  -- seconds to the first request re-sending its prompt
+        );
+        DELETE FROM waste_retries;
+        DELETE FROM rollup_state WHERE name = 'waste';  -- the next run rebuilds both tables
+        """,
+    ),
 ]
 """Schema migrations, applied in order; a migration's version is its position + 1.
 Never edit a released migration: append a new one.

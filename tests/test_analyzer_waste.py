@@ -196,9 +196,15 @@ def test_failed_requests_and_retries(tmp_path: Path) -> None:
         assert ev_["retry_cost_usd"] == pytest.approx(60 * ok + 10 * failed)
         # the scope's traffic spans 100 hours (T0 to the last failure), not the 30-day window
         assert f.evidence_hours == 100.0 and f.evidence_requests == 1090 and not f.provisional
-        assert f.monthly_savings_usd == pytest.approx(0.5 * per_month_over(110 * failed, 100))
+        # retried within 120 s: the 50 + 10 first attempts and the 10 failed retries; their
+        # cost is waste in full, the other 40 errors' at the recoverable share
+        assert ev_["retried_errors"] == 70
+        assert ev_["retried_error_cost_usd"] == pytest.approx(70 * failed)
+        assert ev_["unretried_error_cost_usd"] == pytest.approx(40 * failed)
+        assert f.monthly_savings_usd == pytest.approx(per_month_over((70 + 0.5 * 40) * failed, 100))
         assert f.monthly_savings_low_usd < f.monthly_savings_usd < f.monthly_savings_high_usd
         assert "recoverable share 0.5" in f.savings_method
+        assert "70 of them retried" in f.title
         assert f.action is None and f.risk == "low"
 
         # a second run updates the same finding
@@ -212,8 +218,19 @@ def test_failed_requests_and_retries(tmp_path: Path) -> None:
         assert wide.id == f.id
         assert wide.evidence["retries"] == 90
         assert wide.evidence["retry_cost_usd"] == pytest.approx(80 * ok + 10 * failed)
+        assert wide.evidence["retried_errors"] == 90
+        assert wide.monthly_savings_usd == pytest.approx(
+            per_month_over((90 + 0.5 * 20) * failed, 100)
+        )
         (most,) = run(store, min_monthly_savings_usd=1.0, recoverable_share=0.8)
-        assert most.monthly_savings_usd == pytest.approx(0.8 * per_month_over(110 * failed, 100))
+        assert most.monthly_savings_usd == pytest.approx(
+            per_month_over((70 + 0.8 * 40) * failed, 100)
+        )
+        # the first attempt's first retry came 30 s after it
+        first = store.cursor().execute(
+            "SELECT gap_s FROM waste_retried_errors WHERE event_id = 'first50'"
+        )
+        assert first.fetchall() == [(30.0,)]
         # the second try follows the failed retry by 30 s, not the first attempt by 60 s
         gaps = store.cursor().execute(
             "SELECT event_id, gap_s FROM waste_retries WHERE event_id IN ('again50', 'later60')"
@@ -225,8 +242,9 @@ def test_failed_requests_and_retries(tmp_path: Path) -> None:
 
         # a 20 % error rate is needed: none
         assert run(store, min_monthly_savings_usd=1.0, min_error_rate=0.2) == []
-        # $10.04 a month: none when $10.50 is asked for
-        assert run(store, min_monthly_savings_usd=10.5) == []
+        # $16.44 a month: none when $16.50 is asked for
+        assert f.monthly_savings_usd == pytest.approx(16.44, abs=0.005)
+        assert run(store, min_monthly_savings_usd=16.5) == []
 
 
 def test_retries_are_incremental_and_late_errors_count(tmp_path: Path) -> None:
@@ -261,8 +279,9 @@ def test_retries_are_incremental_and_late_errors_count(tmp_path: Path) -> None:
             )
             assert f.evidence["projection"] == pytest.approx(w.evidence["projection"])
             assert f.monthly_savings_usd == pytest.approx(w.monthly_savings_usd)
-        query = "SELECT * FROM waste_retries ORDER BY event_id"
-        assert a.cursor().execute(query).fetchall() == b.cursor().execute(query).fetchall()
+        for table in ("waste_retries", "waste_retried_errors"):
+            query = f"SELECT * FROM {table} ORDER BY event_id"
+            assert a.cursor().execute(query).fetchall() == b.cursor().execute(query).fetchall()
         # x-ok: a retry 100 s after x-err, then 10 s after the late error
         gaps = a.cursor().execute(
             "SELECT gap_s FROM waste_retries WHERE event_id LIKE 'x-ok%' ORDER BY event_id"
@@ -273,6 +292,13 @@ def test_retries_are_incremental_and_late_errors_count(tmp_path: Path) -> None:
         (f,) = got
         assert f.evidence["errors"] == 120
         assert (f.evidence["retries"], f.evidence["retries_failed"]) == (80, 15)
+        # retried: the 70 of before, the x-errs (by the late errors, 90 s on) and the late
+        # errors (by x-ok, 10 s on)
+        assert f.evidence["retried_errors"] == 80
+        late = a.cursor().execute(
+            "SELECT gap_s FROM waste_retried_errors WHERE event_id LIKE '%err%' ORDER BY event_id"
+        )
+        assert late.fetchall() == [(10.0,)] * 5 + [(90.0,)] * 5
 
 
 # -- (b) context bloat ------------------------------------------------------------------------
@@ -365,9 +391,10 @@ def test_context_bloat(tmp_path: Path) -> None:
         assert g.evidence["baseline_input_tokens"] == pytest.approx(1000)
         # batch-billed gpt-4o input: $1.25 per 1M; 3,000 excess tokens x 1,000 requests
         assert g.evidence["input_usd_per_mtok"] == pytest.approx(1.25)
-        # 1,000 requests a minute apart: 17 hours, provisional, the rate taken over 24
-        assert g.evidence_hours == 17.0 and g.provisional
-        assert g.monthly_savings_usd == pytest.approx(per_month_over(3e6 * 1.25e-6, 17))
+        # 1,000 requests a minute apart from 5 days ago, seen until the store's latest
+        # event (docs/answer, 4 days ago + 8 h 20 min): 33 hours
+        assert g.evidence_hours == 33.0 and not g.provisional
+        assert g.monthly_savings_usd == pytest.approx(per_month_over(3e6 * 1.25e-6, 33))
         assert (g.confidence, g.risk) == (0.4, "high")
         assert g.action is not None and g.action.params["max_input_tokens"] == 3000
 
@@ -379,6 +406,43 @@ def test_context_bloat(tmp_path: Path) -> None:
         assert run(store, peer_factor=5.0, growth_factor=3.0) == []
         # fewer requests than min_requests in a period: no baseline, no finding
         assert kinds(run(store, min_requests=1001), "waste.context_bloat") == []
+
+
+def test_context_bloat_is_judged_from_its_rise(tmp_path: Path) -> None:
+    """A feature at 1,600 input tokens for 23 days, then 7,600 for the last 5: the period
+    judged starts at the rise, so the 2 days at 1,600 inside the last 7 do not dilute it."""
+    rise = NOW - timedelta(days=5)
+    step = timedelta(minutes=5)
+    rows = [
+        ev(
+            f"rag-{k}",
+            t,
+            app="kb",
+            feature="rag",
+            inp=1600 if t < rise else 7600,
+            out=100,
+        )
+        for k in range(int(timedelta(days=28) / step))
+        if (t := NOW - timedelta(days=28) + k * step) < NOW
+    ]
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, rows)
+        (f,) = kinds(run(store), "waste.context_bloat")
+    after = int(timedelta(days=5) / step)
+    ev_ = f.evidence
+    assert ev_["baselines_exceeded"] == ["history"]  # alone in its app: no peers
+    assert ev_["earlier_mean_input_tokens"] == pytest.approx(1600)
+    assert ev_["earlier_requests"] == len(rows) - after
+    assert ev_["mean_input_tokens"] == pytest.approx(7600)
+    assert ev_["requests"] == after and f.evidence_requests == after
+    assert ev_["recent_since"] == rise.isoformat()
+    assert ev_["excess_input_tokens"] == pytest.approx(6000 * after)
+    # gpt-4o input at $2.50 per 1M; the rise's 120 hours to the last one observed
+    assert f.evidence_hours == 120.0
+    assert f.monthly_savings_usd == pytest.approx(per_month_over(6000 * after * 2.5e-6, 120))
+    # the interval of 5 equal days is the point
+    assert f.monthly_savings_low_usd == pytest.approx(f.monthly_savings_usd)
+    assert "7,600 input tokens per request, 4.8x its own past (1,600)" in f.title
 
 
 # -- (c) fine-tune candidates -----------------------------------------------------------------

@@ -5,23 +5,33 @@ Three findings:
 - ``waste.errors`` per (tenant, app, feature, model): what the window's failed
   requests (``status = 'error'``) cost, from ``spend_hourly``. Retries are
   requests re-sent with the same ``prompt_hash`` (same tenant and app) within
-  ``retry_interval_s`` after an error; their count and cost are evidence.
+  ``retry_interval_s`` after an error; the error is then a *retried* error.
   A failed retry is an error and counted as one; a successful retry re-buys
   what the failed attempt should have delivered, so its own cost is not
-  counted again. Saving = error cost x ``recoverable_share`` (not every
-  error can be avoided), per hour, projected to a month over the span from
-  the scope's first to its last hour of traffic. No action: the fix (backoff,
-  request validation, fewer timeouts) lives in the caller.
-- ``waste.context_bloat`` per (app, feature): input tokens per request (the
-  mean over the last ``recent_days`` days) at least ``peer_factor`` x the
-  median of the same app's other features, or at least ``growth_factor`` x
-  the feature's own mean earlier in the window (RAG over-retrieval, an
-  unbounded chat history). Baseline: the larger of the baselines that fired
-  (the conservative one). Saving = (mean - baseline) x the recent requests
-  x the feature's input price per token (list input price of each model it
-  used, batch discount applied; self-hosted: the settled cost per token),
-  per hour, projected to a month over the span of the feature's recent hours.
-  Action ``gateway.max_tokens`` with a cap at the threshold that fired and a RAG top-k scale hint.
+  counted again. Saving = the retried errors' cost in full (measured: their
+  retries bought what they should have) + the other errors' cost x
+  ``recoverable_share`` (an assumption: not every error can be avoided, and
+  an error nobody retried bought nothing a success would not have cost), per
+  hour, projected to a month over the span from the scope's first hour of
+  traffic to the last hour observed. No action: the fix (backoff, request
+  validation, fewer timeouts) lives in the caller.
+- ``waste.context_bloat`` per (app, feature): input tokens per request at
+  least ``growth_factor`` x the feature's own mean before it rose, or (mean
+  over the last ``recent_days`` days) at least ``peer_factor`` x the median
+  of the same app's other features (RAG over-retrieval, an unbounded chat
+  history). The rise is the split of the feature's hours in the window that
+  explains most of the variance between the means before and after it
+  (at least ``min_requests`` on each side); when the mean after it is at
+  least ``growth_factor`` x the mean before, the period judged starts there
+  (a change 5 days ago is judged on those 5 days, not diluted by a fixed
+  window), else it is the last ``recent_days``. Baseline: the larger of the
+  baselines that fired (the conservative one). Saving = (input tokens -
+  baseline x requests) of each hour of that period x the feature's input
+  price per token (list input price of each model it used over the last
+  ``recent_days``, batch discount applied; self-hosted: the settled cost per
+  token), projected to a month over the hours from the period's start to the
+  last hour observed. Action ``gateway.max_tokens`` with a cap at the
+  threshold that fired and a RAG top-k scale hint.
 - ``waste.finetune`` per (app, feature, model): a high-volume
   (>= ``finetune_min_requests_per_month``), short-answer
   (mean output <= ``finetune_max_output_tokens``) feature on an API model
@@ -31,18 +41,21 @@ Three findings:
   payback = (``finetune_one_off_usd`` + ``eval_one_off_usd``) / saving; a
   finding only when payback <= ``max_payback_months``. Action ``finetune``.
 
-Reads ``spend_hourly``, and ``waste_retries``: its own table of retries, kept
-incrementally with a watermark on ``usage_events.ingested_at`` in
-``rollup_state`` under the name ``waste``. A run looks only at events ingested
-after the watermark (and, when errors arrived late, at the stored events up to
-``MAX_RETRY_INTERVAL_S`` after them). Each retry is stored with the gap to the
-latest error before it, so ``retry_interval_s`` (up to that maximum) applies
-when reading, and changing it needs no rebuild. A retry's cost is the one it
-had when detected: a self-hosted retry not yet settled counts $0 there.
+Reads ``spend_hourly``, and ``waste_retries`` / ``waste_retried_errors``: its
+own tables of retries and of the errors they retried, kept incrementally with a
+watermark on ``usage_events.ingested_at`` in ``rollup_state`` under the name
+``waste``. A run looks only at events ingested after the watermark (and, when
+errors arrived late, at the stored events up to ``MAX_RETRY_INTERVAL_S`` after
+them). Each retry is stored with the gap to the latest error before it, each
+retried error with the gap to its first retry, so ``retry_interval_s`` (up to
+that maximum) applies when reading, and changing it needs no rebuild. A
+retry's or retried error's cost is the one it had when detected: a
+self-hosted one not yet settled counts $0 there.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Iterable
@@ -51,6 +64,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import duckdb
+import numpy as np
 from pydantic import Field
 
 from finopsd.analyzers.base import (
@@ -61,7 +75,6 @@ from finopsd.analyzers.base import (
     Finding,
     Options,
     Projection,
-    dense_hours,
     register,
 )
 from finopsd.pricing import PER_MILLION, SELF_HOSTED
@@ -74,52 +87,74 @@ MAX_RETRY_INTERVAL_S = 600
 
 _H_US = MAX_RETRY_INTERVAL_S * 1_000_000
 
-_RETRIES = f"""
-    INSERT INTO waste_retries (event_id, ts, tenant, app, feature, model, status,
-                               input_tokens, output_tokens, cost_usd, gap_s)
+_PAIRS = f"""
+    CREATE OR REPLACE TEMP TABLE waste_pairs AS
     WITH err AS (
         -- each error under the hash of its prompt with its own and the next time bucket:
         -- one integer join key, and a much-repeated prompt pairs only with near errors
         SELECT hash(prompt_hash, epoch_us(ts) // {_H_US} + k) AS key,
-               prompt_hash, tenant, app, ts AS ets
+               prompt_hash, tenant, app, ts AS ets, event_id AS eid,
+               struct_pack(ts := ts, tenant := tenant, app := app, feature := feature,
+                           model := request_model, cost_usd := cost_usd) AS e
         FROM usage_events, (VALUES (0), (1)) v(k)
         WHERE status = 'error' AND prompt_hash IS NOT NULL AND ts >= $elo AND ts <= $ehi
-    ),
-    pairs AS (
-        SELECT c.event_id,
-               struct_pack(ts := c.ts, tenant := c.tenant, app := c.app, feature := c.feature,
-                           model := c.request_model, status := c.status,
-                           input_tokens := c.input_tokens, output_tokens := c.output_tokens,
-                           cost_usd := c.cost_usd) AS r,
-               -- same prompt (not just the same hash), tenant and app: checked here, on the
-               -- few pairs, since as filters the optimizer would hash them for every event
-               CASE WHEN c.prompt_hash = e.prompt_hash
-                     AND c.tenant IS NOT DISTINCT FROM e.tenant
-                     AND c.app IS NOT DISTINCT FROM e.app
-                    THEN (epoch_us(c.ts) - epoch_us(e.ets)) / 1e6 END AS gap
-        FROM usage_events c JOIN err e
-          ON hash(c.prompt_hash, epoch_us(c.ts) // {_H_US}) = e.key
-         AND e.ets < c.ts AND c.ts <= e.ets + INTERVAL {MAX_RETRY_INTERVAL_S} SECOND
-        WHERE {{where}}
-    ),
-    best AS (
+    )
+    SELECT c.event_id,
+           struct_pack(ts := c.ts, tenant := c.tenant, app := c.app, feature := c.feature,
+                       model := c.request_model, status := c.status,
+                       input_tokens := c.input_tokens, output_tokens := c.output_tokens,
+                       cost_usd := c.cost_usd) AS r,
+           e.eid, e.e,
+           -- same prompt (not just the same hash), tenant and app: checked here, on the
+           -- few pairs, since as filters the optimizer would hash them for every event
+           CASE WHEN c.prompt_hash = e.prompt_hash
+                 AND c.tenant IS NOT DISTINCT FROM e.tenant
+                 AND c.app IS NOT DISTINCT FROM e.app
+                THEN (epoch_us(c.ts) - epoch_us(e.ets)) / 1e6 END AS gap
+    FROM usage_events c JOIN err e
+      ON hash(c.prompt_hash, epoch_us(c.ts) // {_H_US}) = e.key
+     AND e.ets < c.ts AND c.ts <= e.ets + INTERVAL {MAX_RETRY_INTERVAL_S} SECOND
+    WHERE {{where}}
+"""
+"""Every (later request, earlier error) with the same prompt hash at most
+``MAX_RETRY_INTERVAL_S`` apart, among the requests ``where`` selects; ``gap`` is NULL
+unless the prompt, tenant and app are the same."""
+
+_RETRIES = """
+    INSERT INTO waste_retries (event_id, ts, tenant, app, feature, model, status,
+                               input_tokens, output_tokens, cost_usd, gap_s)
+    WITH best AS (
         SELECT event_id, any_value(r) AS r, min(gap) AS gap
-        FROM pairs
-        GROUP BY event_id
-        HAVING min(gap) IS NOT NULL
+        FROM waste_pairs GROUP BY event_id HAVING min(gap) IS NOT NULL
     )
     SELECT event_id, r.ts, r.tenant, r.app, r.feature, r.model, r.status, r.input_tokens,
            r.output_tokens, r.cost_usd, gap
     FROM best
     ON CONFLICT (event_id) DO UPDATE SET gap_s = least(gap_s, excluded.gap_s)
 """
+"""Each retry, with the gap to the latest error before it."""
+
+_RETRIED = """
+    INSERT INTO waste_retried_errors (event_id, ts, tenant, app, feature, model, cost_usd,
+                                      gap_s)
+    WITH best AS (
+        SELECT eid, any_value(e) AS e, min(gap) AS gap
+        FROM waste_pairs GROUP BY eid HAVING min(gap) IS NOT NULL
+    )
+    SELECT eid, e.ts, e.tenant, e.app, e.feature, e.model, e.cost_usd, gap
+    FROM best
+    ON CONFLICT (event_id) DO UPDATE SET gap_s = least(gap_s, excluded.gap_s)
+"""
+"""Each retried error, with the gap to the first request re-sending its prompt."""
 
 
 def refresh(con: duckdb.DuckDBPyConnection) -> int:
-    """Bring ``waste_retries`` up to date with ``usage_events``; returns the retries written.
+    """Bring ``waste_retries`` and ``waste_retried_errors`` up to date with
+    ``usage_events``; returns the retries written.
 
     A retry is an event whose ``prompt_hash``, tenant and app equal those of an
-    error at most ``MAX_RETRY_INTERVAL_S`` before it. Looks at the events
+    error at most ``MAX_RETRY_INTERVAL_S`` before it; that error is a retried
+    error (stored with the gap to its first retry). Looks at the events
     ingested after the watermark, and at the stored events that follow errors
     ingested after it. Runs in the caller's transaction.
     """
@@ -135,13 +170,15 @@ def refresh(con: duckdb.DuckDBPyConnection) -> int:
     def detect(where: str, params: dict[str, Any], lo: datetime, hi: datetime) -> None:
         """Upsert the retries among the events ``where`` selects, whose ts lie in [lo, hi]."""
         nonlocal written
-        got = con.execute(
-            _RETRIES.format(where=where), {**params, "elo": lo - horizon, "ehi": hi}
-        ).fetchone()
+        con.execute(_PAIRS.format(where=where), {**params, "elo": lo - horizon, "ehi": hi})
+        got = con.execute(_RETRIES).fetchone()
         written += int(got[0]) if got else 0
+        con.execute(_RETRIED)
+        con.execute("DROP TABLE waste_pairs")
 
     if watermark is None:
         con.execute("DELETE FROM waste_retries")
+        con.execute("DELETE FROM waste_retried_errors")
         bounds = con.execute("SELECT min(ts), max(ts) FROM usage_events").fetchone()
         if bounds and bounds[0] is not None:
             detect("TRUE", {}, bounds[0], bounds[1])
@@ -310,6 +347,57 @@ def _hourly(
     ]
 
 
+_NO_SERIES = (np.empty(0, np.int64), np.empty(0), np.empty(0))
+
+
+def _feature_hours(ctx: Context) -> dict[tuple[str, str], tuple[np.ndarray, ...]]:
+    """Per (app, feature): its epoch hours in the window with requests (ascending), and
+    the requests and input tokens of each."""
+    got = ctx.con.execute(
+        """
+        SELECT app, feature, epoch(hour)::BIGINT // 3600 AS h, sum(requests)::DOUBLE AS n,
+               sum(input_tokens)::DOUBLE AS tokens
+        FROM spend_hourly
+        WHERE hour >= $start AND hour < $end AND app IS NOT NULL AND feature IS NOT NULL
+        GROUP BY ALL
+        ORDER BY app, feature, h
+        """,
+        {"start": ctx.window.start, "end": ctx.window.end},
+    ).fetchnumpy()
+    apps, features = got["app"], got["feature"]
+    hours = np.asarray(got["h"], np.int64)
+    n, tokens = np.asarray(got["n"], float), np.asarray(got["tokens"], float)
+    out: dict[tuple[str, str], tuple[np.ndarray, ...]] = {}
+    if len(hours) == 0:
+        return out
+    new = np.ones(len(hours), bool)
+    new[1:] = (apps[1:] != apps[:-1]) | (features[1:] != features[:-1])
+    bounds = [*np.flatnonzero(new).tolist(), len(hours)]
+    for lo, hi in itertools.pairwise(bounds):
+        out[(str(apps[lo]), str(features[lo]))] = (hours[lo:hi], n[lo:hi], tokens[lo:hi])
+    return out
+
+
+def _rise(n: np.ndarray, tokens: np.ndarray, min_requests: int) -> int | None:
+    """Where a feature's input tokens per request rose most: the index of the first hour
+    after the split of its hours that explains most of the variance between the two
+    sides' means (``N1 N2 / N (m2 - m1)^2``, over the splits with ``m2 > m1`` and at least
+    ``min_requests`` on each side); None when there is no such split."""
+    if len(n) < 2:
+        return None
+    n1, s1 = np.cumsum(n)[:-1], np.cumsum(tokens)[:-1]
+    total_n, total_s = float(n.sum()), float(tokens.sum())
+    n2, s2 = total_n - n1, total_s - s1
+    valid = (n1 >= min_requests) & (n2 >= min_requests)
+    if not valid.any():
+        return None
+    m1 = s1 / np.maximum(n1, 1.0)
+    m2 = s2 / np.maximum(n2, 1.0)
+    score = np.where(valid & (m2 > m1), n1 * n2 / total_n * (m2 - m1) ** 2, -1.0)
+    k = int(np.argmax(score))
+    return k + 1 if score[k] > 0 else None
+
+
 @register
 class Waste(Analyzer):
     name: ClassVar[str] = "waste"
@@ -358,6 +446,21 @@ class Waste(Analyzer):
                 {"start": ctx.window.start, "end": ctx.window.end, "gap": opts.retry_interval_s},
             ).fetchall()
         }
+        retried_by_hour: dict[tuple[str | None, ...], dict[int, tuple[int, float]]] = {}
+        for tenant, app, feature, model, h, n, c in ctx.con.execute(
+            """
+            SELECT tenant, app, feature, model, epoch(ts)::BIGINT // 3600, count(*),
+                   sum(coalesce(cost_usd, 0))
+            FROM waste_retried_errors
+            WHERE ts >= $start AND ts < $end AND gap_s <= $gap
+            GROUP BY ALL
+            """,
+            {"start": ctx.window.start, "end": ctx.window.end, "gap": opts.retry_interval_s},
+        ).fetchall():
+            retried_by_hour.setdefault((tenant, app, feature, model), {})[int(h)] = (
+                int(n),
+                float(c or 0.0),
+            )
         errors_by_hour: dict[tuple[str | None, ...], list[tuple[int, float]]] = {}
         for tenant, app, feature, model, h, c in ctx.con.execute(
             """
@@ -381,10 +484,16 @@ class Waste(Analyzer):
             tenant, app, feature, model = key
             assert model is not None
             rt = retries.get(key, (0, 0, 0, 0, 0.0))
-            error_hours = errors_by_hour.get(key, [])
-            projection = ctx.project(
-                [opts.recoverable_share * c for c in dense_hours([*error_hours, *_span(group)])]
-            )
+            retried = retried_by_hour.get(key, {})
+            retried_errors = sum(n for n, _ in retried.values())
+            retried_cost = sum(c for _, c in retried.values())
+            # a retried error's cost is waste in full (its retry bought what it should
+            # have); of the others', the share that fixing the cause would save
+            saved_hours = []
+            for h, c in errors_by_hour.get(key, []):
+                r = retried.get(h, (0, 0.0))[1]
+                saved_hours.append((h, r + opts.recoverable_share * max(c - r, 0.0)))
+            projection = ctx.project(ctx.hours([*saved_hours, *_span(group)]))
             scope = {
                 "tenant": _tag(tenant),
                 "app": _tag(app),
@@ -399,7 +508,7 @@ class Waste(Analyzer):
                     title=(
                         f"{scope['tenant']} / {scope['app']} / {scope['feature']} on {model}: "
                         f"{errors:,} failed requests ({rate:.1%}) cost ${e_cost:,.2f}; "
-                        f"{int(rt[0]):,} retries"
+                        f"{retried_errors:,} of them retried"
                     ),
                     evidence={
                         "requests": requests,
@@ -414,16 +523,22 @@ class Waste(Analyzer):
                         "retry_input_tokens": int(rt[2] or 0),
                         "retry_output_tokens": int(rt[3] or 0),
                         "retry_cost_usd": float(rt[4] or 0),
+                        "retried_errors": retried_errors,
+                        "retried_error_cost_usd": retried_cost,
+                        "unretried_error_cost_usd": max(e_cost - retried_cost, 0.0),
                         "retry_interval_s": opts.retry_interval_s,
                         "recoverable_share": opts.recoverable_share,
                     },
                     projection=projection,
                     requests=requests,
                     savings_method=(
-                        "cost of the failed requests (failed retries included; a successful "
-                        "retry re-buys the failed attempt and is not counted again) x "
+                        "cost of the failed requests that were retried within "
+                        f"{opts.retry_interval_s:g} s (each retry re-bought what the failed "
+                        "attempt should have delivered: all of it is waste; a failed retry is "
+                        "itself a failed request) + the cost of the other failed requests x "
                         f"recoverable share {opts.recoverable_share:g}, per hour, projected "
-                        "to a month over the scope's hours from its first to its last request"
+                        "to a month over the scope's hours from its first request to the "
+                        "last hour observed"
                     ),
                     confidence=0.5,
                     risk="low",
@@ -460,41 +575,49 @@ class Waste(Analyzer):
     def _bloat(self, ctx: Context, rows: list[_Row], since: datetime) -> list[Finding]:
         opts = self.options
         assert isinstance(opts, WasteOptions)
-        periods: dict[tuple[str, str, bool], list[_Row]] = {}
+        current: dict[tuple[str, str], list[_Row]] = {}  # the last recent_days, by feature
         for r in rows:
-            if r.app is not None and r.feature is not None:
-                periods.setdefault((r.app, r.feature, r.recent), []).append(r)
-        recent: dict[tuple[str, str], tuple[int, float]] = {}
-        earlier: dict[tuple[str, str], tuple[int, float]] = {}
-        for (app, feature, is_recent), group in periods.items():
+            if r.app is not None and r.feature is not None and r.recent:
+                current.setdefault((r.app, r.feature), []).append(r)
+        series = _feature_hours(ctx)
+        recent: dict[tuple[str, str], tuple[int, float]] = {}  # the last recent_days
+        for key, group in current.items():
             requests, inp, _, _ = _sums(group)
             if requests >= opts.min_requests:
-                (recent if is_recent else earlier)[(app, feature)] = (requests, inp / requests)
+                recent[key] = (requests, inp / requests)
         findings = []
-        for (app, feature), (requests, mean) in sorted(recent.items()):
+        for (app, feature), (recent_requests, recent_mean) in sorted(recent.items()):
+            hours, n, tokens = series.get((app, feature), _NO_SERIES)
             peers = [m for (a, f), (_n, m) in recent.items() if a == app and f != feature]
             peer_median = statistics.median(peers) if len(peers) >= opts.min_peers else None
-            before = earlier.get((app, feature))
-            earlier_mean = before[1] if before else None
+            # its own past: the mean before its most significant rise, when the mean after
+            # it is at least growth_factor x that; the rise starts the period judged
+            split = _rise(n, tokens, opts.min_requests)
+            earlier_mean = earlier_requests = None
+            first = int(np.searchsorted(hours, math.floor(since.timestamp() / 3600)))
+            mean, requests = recent_mean, recent_requests
             fired: dict[str, tuple[float, float]] = {}  # baseline name -> (baseline, factor)
+            if split is not None:
+                before = float(tokens[:split].sum() / n[:split].sum())
+                after = float(tokens[split:].sum() / n[split:].sum())
+                earlier_mean, earlier_requests = before, int(n[:split].sum())
+                if after >= opts.growth_factor * before:
+                    fired["history"] = (before, opts.growth_factor)
+                    first, mean, requests = split, after, int(n[split:].sum())
             if peer_median is not None and mean >= opts.peer_factor * peer_median:
                 fired["peers"] = (peer_median, opts.peer_factor)
-            if earlier_mean is not None and mean >= opts.growth_factor * earlier_mean:
-                fired["history"] = (earlier_mean, opts.growth_factor)
             if not fired:
                 continue
             used = max(fired, key=lambda k: fired[k][0])
             baseline, factor = fired[used]
-            unit = self._input_price(ctx, periods[(app, feature, True)])
-            excess_tokens = (mean - baseline) * requests
+            unit = self._input_price(ctx, current[(app, feature)])
+            excess_tokens = float(tokens[first:].sum() - baseline * n[first:].sum())
             excess_cost = excess_tokens * unit
-            recent_hours = _hourly(
-                ctx,
-                "app = $app AND feature = $feature AND hour >= $since",
-                {"app": app, "feature": feature, "since": since},
-                f"(sum(input_tokens) - {float(baseline)!r} * sum(requests)) * {float(unit)!r}",
+            per_hour = (tokens[first:] - baseline * n[first:]) * unit
+            projection = ctx.project(
+                ctx.hours(zip(hours[first:].tolist(), per_hour.tolist(), strict=True))
             )
-            projection = ctx.project(dense_hours(recent_hours))
+            recent_from = datetime.fromtimestamp(int(hours[first]) * 3600, UTC)
             findings.append(
                 self.finding(
                     ctx,
@@ -511,21 +634,22 @@ class Waste(Analyzer):
                         "peer_median_input_tokens": peer_median,
                         "peers": len(peers),
                         "earlier_mean_input_tokens": earlier_mean,
-                        "earlier_requests": before[0] if before else 0,
+                        "earlier_requests": earlier_requests or 0,
                         "baselines_exceeded": sorted(fired),
                         "baseline": used,
                         "baseline_input_tokens": baseline,
                         "excess_input_tokens": excess_tokens,
                         "input_usd_per_mtok": unit * PER_MILLION,
                         "excess_cost_usd": excess_cost,
-                        "recent_since": since.isoformat(),
+                        "recent_since": recent_from.isoformat(),
                     },
                     projection=projection,
                     requests=requests,
                     savings_method=(
                         "(input tokens - baseline x requests) x the feature's input price per "
-                        "token, per hour of the recent days, projected to a month over the "
-                        "span of those hours"
+                        "token, per hour since the rise (or, against its peers only, of the "
+                        "recent days), projected to a month over the hours from then to the "
+                        "last hour observed"
                     ),
                     confidence=0.6 if "history" in fired else 0.4,
                     risk="medium" if "history" in fired else "high",
@@ -556,7 +680,7 @@ class Waste(Analyzer):
         for (app, feature, provider, model), group in groups.items():
             requests, inp, out, cost = _sums(group)
             span = _span(group)
-            span_hours = float(span[1][0] - span[0][0] + 1)
+            span_hours = float(max(span[1][0], ctx.last_hour or 0) - span[0][0] + 1)
             per_span = HOURS_PER_MONTH / max(span_hours, ctx.min_evidence_hours)
             per_month = requests * per_span
             mean_out = out / requests
@@ -574,7 +698,7 @@ class Waste(Analyzer):
             small_in = opts.small_model_input_per_mtok / PER_MILLION
             small_out = opts.small_model_output_per_mtok / PER_MILLION
             projection: Projection = ctx.project(
-                dense_hours(
+                ctx.hours(
                     [
                         *_hourly(
                             ctx,
