@@ -549,6 +549,22 @@ MIGRATIONS: list[tuple[str, str]] = [
         DELETE FROM rollup_state WHERE name = 'waste';  -- the next run rebuilds both tables
         """,
     ),
+    (
+        "caching: a cache write is charged only on prompt blocks that are used again; "
+        "the caching simulation starts again",
+        """
+        CREATE TABLE caching_shared_blocks (  -- analyzers/caching.py: blocks seen twice
+            scope BIGINT NOT NULL,
+            block BIGINT NOT NULL
+        );
+        DELETE FROM caching_prefix_hourly;
+        DELETE FROM caching_lru;
+        DELETE FROM caching_blocks;
+        DELETE FROM caching_response_hourly;
+        DELETE FROM caching_prompts;
+        DELETE FROM rollup_state WHERE name IN ('caching', 'caching.since');
+        """,
+    ),
 ]
 """Schema migrations, applied in order; a migration's version is its position + 1.
 Never edit a released migration: append a new one.

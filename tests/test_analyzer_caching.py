@@ -12,7 +12,7 @@ is worked out in the comments.
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -151,10 +151,13 @@ def simulate_lru(trace: list[dict[str, Any]], capacity: int, ttl_s: float = 0) -
 
 def simulate_lru_writes(
     trace: list[dict[str, Any]], capacity: int, ttl_s: float = 0
-) -> tuple[int, int]:
-    """(hit tokens, written tokens): a request writes every prefix token it does not hit."""
+) -> tuple[int, int, int]:
+    """(hit tokens, written tokens, tokens of blocks used once): a request writes the
+    blocks after its hits that the trace uses more than once; a block used once is
+    never written (a breakpoint after the shared part of the prompt leaves it out)."""
+    uses = Counter(b for r in trace for b in r["hash_ids"])
     cache: OrderedDict[int, int] = OrderedDict()  # block -> last use, ms
-    hit = written = 0
+    hit = written = once = 0
     for r in trace:
         t, prefix = r["timestamp"], True
         for j, b in enumerate(r["hash_ids"]):
@@ -162,14 +165,16 @@ def simulate_lru_writes(
             prefix = prefix and fresh
             if prefix:
                 hit += block_tokens(r["input_length"], j)
-            else:
+            elif uses[b] > 1:
                 written += block_tokens(r["input_length"], j)
+            else:
+                once += block_tokens(r["input_length"], j)
             if b in cache:
                 cache.move_to_end(b)
             cache[b] = t
             if len(cache) > capacity:
                 cache.popitem(last=False)
-    return hit, written
+    return hit, written, once
 
 
 def prefix_evidence(findings: list[Any]) -> dict[str, Any]:
@@ -194,13 +199,14 @@ def test_mooncake_unbounded_prefix_reuse_is_exact_and_the_readmes(tmp_path: Path
     assert round(100 * ev["prefix_hit_ratio_unbounded"], 1) == 65.1  # shared/data/README.md
     # the default LRU (100,000 blocks) holds all 43,924 distinct blocks: nothing is evicted,
     # but OpenAI's cache forgets a prefix unused for 5 minutes (the trace spans 17)
-    lru, written = simulate_lru_writes(trace, 100_000, ttl_s=300)
+    lru, written, once = simulate_lru_writes(trace, 100_000, ttl_s=300)
     assert lru == simulate_lru(trace, 100_000, ttl_s=300) < expected
     assert simulate_lru(trace, 100_000) == expected
     assert ev["prefix_ttl_s"] == 300
     assert ev["prefix_hit_tokens_lru"] == lru
     assert ev["lru_write_tokens"] == written
-    assert lru + written == input_tokens  # every prefix token is read or written
+    # every prefix token is read, written, or in a block no other request uses
+    assert lru + written + once == input_tokens and 0 < once < written
 
 
 @pytest.mark.parametrize(("capacity", "ttl_s"), [(2_000, 300), (20_000, 300), (20_000, 0)])
@@ -256,6 +262,7 @@ def test_mooncake_incremental_equals_one_pass(tmp_path: Path) -> None:
         assert rows is not None and rows[0] <= 3 * capacity  # compacted, not grown with accesses
     assert ev["prefix_hit_tokens_unbounded"] == simulate_unbounded(trace)
     assert ev["prefix_hit_tokens_lru"] == simulate_lru(trace, capacity, ttl_s=300)
+    # a block's first write is charged when it is used again, in whichever part
     assert ev["lru_write_tokens"] == simulate_lru_writes(trace, capacity, ttl_s=300)[1]
     assert ev["requests"] == len(trace)
 
@@ -455,7 +462,9 @@ def test_prefixes_reused_only_after_the_ttl_save_nothing(tmp_path: Path) -> None
     assert f.evidence["prefix_hit_tokens_unbounded"] == 9 * 1024
     assert f.evidence["prefix_hit_tokens_lru"] == 9 * 1024
     hits = 9 * 1024 * (SONNET_IN - SONNET_CACHED) / 1e6
-    premium = (1224 + 9 * 200) * (SONNET_WRITE - SONNET_IN) / 1e6
+    # written: the shared prefix, once; each request's own block is used only once
+    assert f.evidence["lru_write_tokens"] == 1024
+    premium = 1024 * (SONNET_WRITE - SONNET_IN) / 1e6
     assert f.evidence["saved_usd"] == pytest.approx(hits - premium)
     # OpenAI's caches have no write premium, but forget just the same: no hit, no saving
     openai = [{**r, "provider": "openai", "request_model": "gpt-4o"} for r in rows]
@@ -467,12 +476,14 @@ def test_prefixes_reused_only_after_the_ttl_save_nothing(tmp_path: Path) -> None
 
 def test_frequent_reuse_saves_net_of_the_write_premium(tmp_path: Path) -> None:
     """Requests at minutes 0, 4, 8, 12, 16, 30, 34; Anthropic TTL 5 minutes, refreshed by
-    every use. 0 writes all 1,224 tokens; 4, 8, 12 and 16 read the prefix (1,024) and
-    write their own 200 (16 is 16 minutes after the first write, 4 after the last use);
-    30 comes 14 minutes after 16: expired, all 1,224 written again; 34 reads 1,024.
-    Hits 5 x 1,024 = 5,120; writes 2 x 1,224 + 5 x 200 = 3,448, of which the first
-    request's 1,224 are billed as cache writes already: 2,224 more pay the premium.
-    Saving = 5,120 x (3.00 - 0.30) - 2,224 x (3.75 - 3.00), per million: $0.012156."""
+    every use. 0 writes the shared prefix (1,024 tokens; its own 200-token block no
+    other request uses, so a breakpoint after the prefix leaves it out); 4, 8, 12 and
+    16 read the prefix (16 is 16 minutes after the first write, 4 after the last use);
+    30 comes 14 minutes after 16: expired, the prefix is written again; 34 reads it.
+    Hits 5 x 1,024 = 5,120; writes 2 x 1,024 = 2,048; the first request's 1,224 are
+    billed as cache writes already (more than it would write): 1,024 more pay the
+    premium. Saving = 5,120 x (3.00 - 0.30) - 1,024 x (3.75 - 3.00), per million:
+    $0.013056."""
     rows = sonnet_requests([0, 4, 8, 12, 16, 30, 34])
     rows[0]["cache_creation_input_tokens"] = 1224
     with Store(tmp_path / "s.duckdb") as store:
@@ -484,31 +495,33 @@ def test_frequent_reuse_saves_net_of_the_write_premium(tmp_path: Path) -> None:
     assert ev["prefix_ttl_s"] == 300
     assert ev["prefix_hit_tokens_unbounded"] == 6 * 1024  # no TTL: the upper bound
     assert ev["prefix_hit_tokens_lru"] == 5 * 1024
-    assert ev["lru_write_tokens"] == 3448
+    assert ev["lru_write_tokens"] == 2048
     assert ev["cache_write_tokens"] == 1224
-    assert ev["premium_write_tokens"] == 2224
+    assert ev["premium_write_tokens"] == 1024
     assert (ev["input_per_mtok"], ev["cached_input_per_mtok"], ev["cache_write_per_mtok"]) == (
         SONNET_IN,
         SONNET_CACHED,
         SONNET_WRITE,
     )
     hits = 5120 * (SONNET_IN - SONNET_CACHED) / 1e6
-    premium = 2224 * (SONNET_WRITE - SONNET_IN) / 1e6
-    assert hits - premium == pytest.approx(0.012156)
+    premium = 1024 * (SONNET_WRITE - SONNET_IN) / 1e6
+    assert hits - premium == pytest.approx(0.013056)
     assert ev["hit_savings_usd"] == pytest.approx(hits)
     assert ev["write_premium_usd"] == pytest.approx(premium)
-    assert ev["saved_usd"] == pytest.approx(0.012156)
-    assert f.monthly_savings_usd == pytest.approx(monthly_over(0.012156, at(0)))
+    assert ev["saved_usd"] == pytest.approx(0.013056)
+    assert f.monthly_savings_usd == pytest.approx(monthly_over(0.013056, at(0)))
 
 
-def test_upgraded_store_simulates_prefix_caches_again(tmp_path: Path) -> None:
-    """A store simulated before TTLs and cache writes were: its caching state is dropped,
-    and the next run simulates the events again, as on a fresh store."""
+@pytest.mark.parametrize("migration", ["caching: prefix", "caching: a cache write"])
+def test_upgraded_store_simulates_prefix_caches_again(tmp_path: Path, migration: str) -> None:
+    """A store simulated before TTLs and cache writes were (or before writes were charged
+    only on blocks used again): its caching state is dropped, and the next run simulates
+    the events again, as on a fresh store."""
     import duckdb
 
     from finopsd.store import MIGRATIONS
 
-    ttl = next(i for i, (d, _) in enumerate(MIGRATIONS) if d.startswith("caching: prefix"))
+    ttl = next(i for i, (d, _) in enumerate(MIGRATIONS) if d.startswith(migration))
     path = tmp_path / "old.duckdb"
     con = duckdb.connect(str(path))
     con.execute(
@@ -519,7 +532,8 @@ def test_upgraded_store_simulates_prefix_caches_again(tmp_path: Path) -> None:
         con.execute(sql)
         con.execute("INSERT INTO schema_version VALUES (?, now(), ?)", [version, description])
     # what the old simulation left: LRU rows without times, a watermark past everything
-    con.execute("INSERT INTO caching_lru VALUES (1, 2, 3)")
+    timed = migration != "caching: prefix"  # LRU rows carry their last use from then on
+    con.execute(f"INSERT INTO caching_lru VALUES (1, 2, 3{', 0' if timed else ''})")
     con.execute("INSERT INTO caching_blocks VALUES (1, 2)")
     con.execute(
         "INSERT INTO rollup_state VALUES ('caching', ?), ('caching.since', ?)",
@@ -534,7 +548,7 @@ def test_upgraded_store_simulates_prefix_caches_again(tmp_path: Path) -> None:
         (upgraded,) = by_kind(run(old)[0], "caching.prompt_prefix").values()
         (scratch,) = by_kind(run(fresh)[0], "caching.prompt_prefix").values()
     assert upgraded.evidence["saved_usd"] == pytest.approx(scratch.evidence["saved_usd"])
-    assert upgraded.evidence["lru_write_tokens"] == 3448
+    assert upgraded.evidence["lru_write_tokens"] == 2048
 
 
 def test_lru_of_one_block_by_hand(tmp_path: Path) -> None:

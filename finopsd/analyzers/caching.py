@@ -38,9 +38,16 @@ caches are simulated:
   evicting the least recent block when full. A prefix reused after the TTL is
   a miss: written again, not read.
 
-With caching on, every prefix token a request does not read from the cache
-is written to it: ``lru_write_tokens`` = the request's prefix tokens (its
-blocks, the last capped at ``input_tokens``) - its LRU hit tokens.
+With caching on, a request writes to the cache the prompt it does not read
+from it, up to its cache breakpoint; placed well (after the part of the prompt
+that other requests share: a system prompt, a document, the conversation so
+far), the breakpoint leaves out the request's unique rest, which no later
+request could read. So ``lru_write_tokens`` counts, of the blocks after a
+request's LRU hits, those that are **used again**: a block accessed a second
+time (by any request of the cache, however much later) is shared, its every
+miss is a write, and its first write, when it was first seen, is charged at its
+second access (in that access's hour); a block seen only once is never
+charged.
 
 Evidence gives ``input_tokens``, ``prefix_hit_tokens_*`` and
 ``prefix_hit_ratio_*`` (= hit tokens / input tokens) for both, the TTL, the
@@ -75,7 +82,7 @@ keeps:
   n²/2⁶⁵ for n live keys, would count a false repeat);
 - ``caching_blocks``: every (cache, block) seen, once (the unbounded cache;
   a cache is named by the 64-bit BLAKE2b of "model=<provider> <model>" or
-  "deployment=<name>");
+  "deployment=<name>"); ``caching_shared_blocks``: those seen twice, once;
 - ``caching_lru``: (cache, block, access number, its ts) rows appended for the
   blocks each run touched; an LRU cache is the ``lru_capacity_blocks`` blocks
   with the latest numbers, each with its last use (compacted from memory once
@@ -282,6 +289,7 @@ class _Caches:
 
     tag: tuple[Any, ...]
     seen: dict[int, _BlockSet] = field(default_factory=dict)  # by scope id
+    shared: dict[int, _BlockSet] = field(default_factory=dict)  # seen twice, by scope id
     lru: dict[int, OrderedDict[int, int]] = field(default_factory=dict)  # block -> last use
     seq: int = 0  # the number of the last LRU access
     lru_rows: int = 0  # rows in caching_lru
@@ -308,6 +316,11 @@ def _load(con: duckdb.DuckDBPyConnection, tag: tuple[Any, ...], capacity: int) -
             "SELECT block FROM caching_blocks WHERE scope = ? ORDER BY block", [scope]
         ).fetchnumpy()
         caches.seen[int(scope)] = _BlockSet(seen["block"], is_sorted=True)
+    for (scope,) in con.execute("SELECT DISTINCT scope FROM caching_shared_blocks").fetchall():
+        shared = con.execute(
+            "SELECT block FROM caching_shared_blocks WHERE scope = ? ORDER BY block", [scope]
+        ).fetchnumpy()
+        caches.shared[int(scope)] = _BlockSet(shared["block"], is_sorted=True)
     # an LRU cache holds the `capacity` blocks accessed last, each with its last use
     held = con.execute(
         """
@@ -438,6 +451,7 @@ _COLUMNS = {
         *("cache_write_tokens", "lru_write_tokens", "lru_write_extra_tokens"),
     ],
     "caching_blocks": ["scope", "block"],
+    "caching_shared_blocks": ["scope", "block"],
     "caching_lru": ["scope", "block", "seq", "at_us"],
 }
 """The columns of this analyzer's tables, in their order (see finopsd/store.py)."""
@@ -697,7 +711,10 @@ def _prefixes(
     bounds = np.concatenate([[0], np.cumsum(np.bincount(access_scope, minlength=len(names)))])
     seen_flags = np.zeros(len(blocks), bool)
     lru_flags = np.zeros(len(blocks), bool)
+    shared_flags = np.zeros(len(blocks), bool)  # the block is used again: a write is charged
+    deferred = np.zeros(len(blocks), bool)  # charges the block's first write, made earlier
     new_blocks: list[pa.Table] = []
+    new_shared: list[pa.Table] = []
     touched: list[pa.Table] = []
     for i, name in enumerate(names):
         scope = _scope_id(name)
@@ -718,6 +735,20 @@ def _prefixes(
         seen.add(uniq[fresh])
         new_blocks.append(
             pa.table({"scope": pa.repeat(scope, int(fresh.sum())), "block": uniq[fresh]})
+        )
+        # shared: seen before this access, or seen again later in this batch; a block seen
+        # once before and now again has its first write charged here
+        again = np.zeros(len(keys), bool)
+        again[by_key[:-1]] = sorted_keys[1:] == sorted_keys[:-1]
+        shared_flags[at] = flags | again
+        shared = caches.shared.setdefault(scope, _BlockSet())
+        was_shared = shared.contains(uniq)
+        counts = np.diff(np.append(starts_k, len(keys)))
+        deferred[at[first_at[~fresh & ~was_shared]]] = True
+        now_shared = ~was_shared & (~fresh | (counts > 1))
+        shared.add(uniq[now_shared])
+        new_shared.append(
+            pa.table({"scope": pa.repeat(scope, int(now_shared.sum())), "block": uniq[now_shared]})
         )
         # bounded LRU (with the provider's TTL), one access at a time; each touched
         # block's last access is appended, with its time
@@ -745,9 +776,14 @@ def _prefixes(
     cache_read = table.column("cache_read_tokens").to_numpy()[rows].astype(np.int64)
     unb = np.minimum(_leading_hits(seen_flags, starts, lengths) * opts.block_tokens, inp)
     lru = np.minimum(_leading_hits(lru_flags, starts, lengths) * opts.block_tokens, inp)
-    # with caching on, what a request does not read from the cache is written to it
+    # with caching on, a request writes the blocks after its hits; charged: those used
+    # again (and, at a block's second access, its first write)
     cache_write = table.column("cache_write_tokens").to_numpy()[rows].astype(np.int64)
-    written = np.minimum(lengths * opts.block_tokens, inp) - lru
+    pos = np.arange(len(blocks)) - np.repeat(starts, lengths)
+    block_tokens = np.clip(np.repeat(inp, lengths) - pos * opts.block_tokens, 0, opts.block_tokens)
+    after_hits = pos * opts.block_tokens >= np.repeat(lru, lengths)
+    charged = block_tokens * ((after_hits & shared_flags).astype(np.int64) + deferred)
+    written = np.add.reduceat(charged, starts)
     df = pl.from_arrow(
         table.select(["hour", "provider", "model", "deployment", "billing_mode"]).take(rows)
     )
@@ -779,6 +815,7 @@ def _prefixes(
     )
     _insert(con, "caching_prefix_hourly", hourly)
     _insert(con, "caching_blocks", pa.concat_tables(new_blocks))
+    _insert(con, "caching_shared_blocks", pa.concat_tables(new_shared))
     held = sum(len(od) for od in caches.lru.values())
     rows = pa.concat_tables(touched)
     if caches.lru_rows + rows.num_rows > 2 * held + opts.lru_capacity_blocks:
