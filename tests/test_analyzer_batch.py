@@ -277,3 +277,27 @@ def test_incremental_equals_from_scratch(tmp_path: Path) -> None:
     assert _summary(incremental) == _summary(scratch)
     latency = next(f for f in incremental if f.kind == "batch.latency_tolerant")
     assert latency.evidence["cost_usd"] == pytest.approx(0.6)
+
+
+def test_a_nightly_job_is_projected_over_all_the_time_observed(tmp_path: Path) -> None:
+    """Observed from 13:00 on day 0 to 12:00 on day 7 (an interactive app's traffic); a
+    batch-labelled job runs 01:00-03:00 every night, 7 nights at $0.30 each. Between its
+    own first and last hour it spans 6 days 3 hours; it was watched for 7 days: its first
+    run came within the first day observed, so the span starts with the observation, and
+    it runs to the last hour observed, not to the job's last hour."""
+    start = DAY0 + timedelta(hours=13)
+    rows = [
+        row(i, start + timedelta(hours=i), 0.01, app="web", latency_class="interactive")
+        for i in range(7 * 24)
+    ]
+    for night in range(1, 8):
+        for h in range(1, 4):
+            ts = DAY0 + timedelta(days=night, hours=h)
+            rows.append(row(1000 + night * 10 + h, ts, 0.10, app="etl", latency_class="batch"))
+    with Store(tmp_path / "s.duckdb") as store:
+        insert(store, rows)
+        (f,) = [x for x in run(store) if x.kind == "batch.latency_tolerant"]
+    assert f.evidence_hours == 7 * 24
+    # 7 x $0.30 at the 50 % batch discount, over 7 days
+    assert f.monthly_savings_usd == pytest.approx(per_month(7 * 0.30 * 0.5, 7))
+    assert f.monthly_savings_low_usd == pytest.approx(f.monthly_savings_usd)  # every day alike

@@ -16,7 +16,10 @@ Evidence and projections (the contract every analyzer keeps):
   latest event or GPU sample stored), whole periods, whatever the window is:
   waste that stopped, or that recurs only now and then (a nightly job), is
   seen over all the time it was watched, not only between its own first and
-  last hour (``Context.hours`` builds such a series).
+  last hour. A first period within ``FIRST_DAY_HOURS`` of the first hour
+  observed (``Context.first_hour``) starts the span there instead: the first
+  day of observation cannot tell traffic that began then from traffic that
+  recurs daily (``Context.span_start``; ``Context.hours`` builds the series).
 - Every projection carries an interval, ``monthly_savings_low_usd`` ..
   ``monthly_savings_high_usd``: a block bootstrap of the per-period savings
   (see ``project``), with a fixed seed, so the same data gives the same figures.
@@ -69,6 +72,10 @@ HOURS_PER_MONTH = DAYS_PER_MONTH * 24
 
 MIN_EVIDENCE_HOURS = 24.0
 """Default of ``analyzers.min_evidence_hours``: a shorter span makes a finding provisional."""
+
+FIRST_DAY_HOURS = 24
+"""Traffic first seen this soon after observation began is taken to have been there from
+its start (see ``Context.span_start``)."""
 
 INTERVAL_LEVEL = 0.9
 """The central share of the bootstrap distribution a projection's interval spans."""
@@ -237,11 +244,27 @@ class Context:
     last_hour: int | None = None
     """The epoch hour of the latest usage event or GPU sample in the window: where what
     has been observed ends (None: unknown; a span then ends at its own last hour)."""
+    first_hour: int | None = None
+    """The epoch hour of the earliest usage event or GPU sample in the window: where what
+    has been observed begins (None: unknown)."""
+
+    def span_start(self, first: int) -> int:
+        """The epoch hour a span whose first relevant hour is ``first`` starts at:
+        ``first_hour`` when ``first`` is less than ``FIRST_DAY_HOURS`` after it (a nightly
+        job first seen at 01:00 on the first day observed was there from the start), else
+        ``first``."""
+        if self.first_hour is not None and 0 <= first - self.first_hour < FIRST_DAY_HOURS:
+            return self.first_hour
+        return first
 
     def hours(self, pairs: Iterable[tuple[datetime | int, float]]) -> list[float]:
-        """``dense_hours(pairs)`` continued with 0s up to ``last_hour``: the saving per hour
-        from the first hour given to the last hour observed."""
-        return dense_hours(pairs, through=self.last_hour)
+        """The saving per hour from ``span_start`` of the first hour given to the last hour
+        observed: ``dense_hours`` with 0s before and after."""
+        given = [(_epoch_hour(h), float(v)) for h, v in pairs]
+        if not given:
+            return []
+        start = self.span_start(min(h for h, _ in given))
+        return dense_hours(given, since=start, through=self.last_hour)
 
     def project(
         self,
@@ -471,22 +494,32 @@ def _widening(blocks: int, level: float) -> float:
     return math.sqrt(blocks / (blocks - 1)) * float(stats.t.ppf((1 + level) / 2, blocks - 1)) / z
 
 
+def _epoch_hour(hour: datetime | int) -> int:
+    return hour if isinstance(hour, int) else math.floor(hour.timestamp() / 3600)
+
+
 def dense_hours(
-    pairs: Iterable[tuple[datetime | int, float]], *, through: int | None = None
+    pairs: Iterable[tuple[datetime | int, float]],
+    *,
+    since: int | None = None,
+    through: int | None = None,
 ) -> list[float]:
     """Savings per UTC hour from the first to the last hour given, missing hours 0.
 
     ``pairs``: (hour, saving), the hour a datetime (floored to its hour) or an
-    epoch hour number; the same hour given twice is summed. ``through``: an
-    epoch hour the series runs to at least (0s after the last hour given).
+    epoch hour number; the same hour given twice is summed. ``since`` /
+    ``through``: epoch hours the series starts at at the latest / runs to at
+    least (0s before the first / after the last hour given).
     """
     acc: dict[int, float] = {}
     for hour, value in pairs:
-        h = hour if isinstance(hour, int) else math.floor(hour.timestamp() / 3600)
+        h = _epoch_hour(hour)
         acc[h] = acc.get(h, 0.0) + float(value)
     if not acc:
         return []
     first, last = min(acc), max(acc)
+    if since is not None:
+        first = min(first, since)
     if through is not None:
         last = max(last, through)
     out = [0.0] * (last - first + 1)

@@ -855,14 +855,15 @@ def _project(
     events: tuple[datetime | None, datetime | None],
 ) -> Projection:
     """A scope's saving per hour (epoch hour -> USD, every hour it had traffic present),
-    projected over the hours from its first to the last hour observed (``ctx.hours``);
+    projected over the hours from its first (``ctx.span_start``) to the last hour
+    observed (``ctx.hours``);
     when the exact time from the first to the latest event (no earlier than the covered
     start) is shorter, that is the span (seconds of traffic are not an hour of it)."""
     hours = ctx.hours(per_hour.items())
     span = float(len(hours))
     first, last = events
     if hours and first is not None and last is not None:
-        first_h = min(per_hour)
+        first_h = ctx.span_start(min(per_hour))
         start = max(datetime.fromtimestamp(first_h * 3600, UTC), covered.start, first)
         end = min(datetime.fromtimestamp((first_h + len(hours)) * 3600, UTC), last)
         span = min(span, max(0.0, (end - start) / timedelta(hours=1)))

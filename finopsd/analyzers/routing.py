@@ -652,14 +652,17 @@ class Routing(Analyzer):
         requests = item["requests"]
         window_savings = per_request * requests
         # the saving per day of the scope's traffic (0 on its days without any), over
-        # the span from its first hour with requests to the last hour observed; each day
-        # counts as an equal share of that span (the first and last may be partial)
+        # the span from its first hour with requests (ctx.span_start) to the last hour
+        # observed; each day counts as an equal share of that span (the first and last
+        # may be partial)
         per_day, span_hours = np.zeros(1), 0.0
         if traffic is not None and len(traffic.days):
+            first_hour = ctx.span_start(traffic.first_hour)
             last_hour = max(traffic.last_hour, ctx.last_hour or 0)
-            per_day = np.zeros(int(last_hour // 24 - traffic.days[0]) + 1)
-            per_day[traffic.days - traffic.days[0]] = traffic.requests * per_request
-            span_hours = float(last_hour - traffic.first_hour + 1)
+            first_day = min(int(traffic.days[0]), first_hour // 24)
+            per_day = np.zeros(last_hour // 24 - first_day + 1)
+            per_day[traffic.days - first_day] = traffic.requests * per_request
+            span_hours = float(last_hour - first_hour + 1)
         projection = ctx.project(
             per_day, max(span_hours, 1.0) / len(per_day), span_hours=span_hours
         )

@@ -114,11 +114,18 @@ def run_analyzers(
         from finopsd.analyzers.spend import refresh
 
         store.write(refresh)  # the rollups every other analyzer reads
-    last_hour = observed_until(store, window)
+    first_hour, last_hour = observed_hours(store, window)
     for analyzer in analyzers:
         started = time.perf_counter()
         ctx = Context(
-            store.cursor(), window, now, prices, store.write, min_evidence_hours, last_hour
+            store.cursor(),
+            window,
+            now,
+            prices,
+            store.write,
+            min_evidence_hours,
+            last_hour,
+            first_hour,
         )
         try:
             findings = analyzer.run(ctx)
@@ -135,23 +142,21 @@ def run_analyzers(
     return runs
 
 
-def observed_until(store: Store, window: Window) -> int | None:
-    """The epoch hour of the latest usage event or GPU sample in ``window`` (None: none)."""
-    row = (
-        store.cursor()
-        .execute(
-            """
-        SELECT greatest(
-            (SELECT max(ts) FROM usage_events WHERE ts >= $start AND ts < $end),
-            (SELECT max(ts) FROM gpu_samples WHERE ts >= $start AND ts < $end))
-        """,
-            {"start": window.start, "end": window.end},
-        )
-        .fetchone()
-    )
+def observed_hours(store: Store, window: Window) -> tuple[int | None, int | None]:
+    """The epoch hours of the earliest and the latest usage event or GPU sample in
+    ``window``: where what has been observed begins and ends (None: nothing)."""
+    query = """
+        WITH u AS (SELECT min(ts) AS lo, max(ts) AS hi FROM usage_events
+                   WHERE ts >= $start AND ts < $end),
+             g AS (SELECT min(ts) AS lo, max(ts) AS hi FROM gpu_samples
+                   WHERE ts >= $start AND ts < $end)
+        SELECT least(u.lo, g.lo), greatest(u.hi, g.hi) FROM u, g
+    """
+    cur = store.cursor()
+    row = cur.execute(query, {"start": window.start, "end": window.end}).fetchone()
     if row is None or row[0] is None:
-        return None
-    return math.floor(row[0].timestamp() / 3600)
+        return None, None
+    return math.floor(row[0].timestamp() / 3600), math.floor(row[1].timestamp() / 3600)
 
 
 def _record(

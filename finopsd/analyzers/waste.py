@@ -223,7 +223,10 @@ class WasteOptions(Options):
         0.01, ge=0, le=1, description="errors finding: at least this share of requests failed"
     )
     recent_days: int = Field(
-        7, ge=1, description="context bloat: the recent days compared with the baselines"
+        7,
+        ge=1,
+        description="context bloat: the recent days compared with the peers (and judged, "
+        "unless the feature's own rise starts the period)",
     )
     peer_factor: float = Field(
         3.0, gt=1, description="bloat: mean input >= this x the median of the app's other features"
@@ -232,10 +235,13 @@ class WasteOptions(Options):
         2, ge=1, description="the peer baseline needs at least this many other features"
     )
     growth_factor: float = Field(
-        1.5, gt=1, description="bloat: mean input >= this x the feature's own earlier mean"
+        1.5, gt=1, description="bloat: mean input >= this x the feature's mean before its rise"
     )
     min_requests: int = Field(
-        1000, ge=1, description="bloat: a feature needs this many requests in each period"
+        200,
+        ge=1,
+        description="bloat: a feature needs this many requests in each period compared "
+        "(200 know a mean of tokens per request to about 7 %, 1.5x is far beyond that)",
     )
     finetune_min_requests_per_month: float = Field(
         100_000, ge=0, description="fine-tune: at least this many requests a month"
@@ -680,7 +686,9 @@ class Waste(Analyzer):
         for (app, feature, provider, model), group in groups.items():
             requests, inp, out, cost = _sums(group)
             span = _span(group)
-            span_hours = float(max(span[1][0], ctx.last_hour or 0) - span[0][0] + 1)
+            span_hours = float(
+                max(span[1][0], ctx.last_hour or 0) - ctx.span_start(int(span[0][0])) + 1
+            )
             per_span = HOURS_PER_MONTH / max(span_hours, ctx.min_evidence_hours)
             per_month = requests * per_span
             mean_out = out / requests
