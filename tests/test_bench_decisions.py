@@ -206,6 +206,7 @@ def test_judge_counts_the_findings_of_the_scenarios_kind_and_scope() -> None:
     assert [o["scope"] for o in r["other_findings"]] == [{"deployment": "b"}]  # > $1 only
 
 
+@pytest.mark.timeout(2400)
 def test_the_analyzers_meet_the_goals() -> None:
     """Every waste scenario's saving within ±15 % of its oracle, its interval holding the
     oracle, none provisional; no control with a finding above $1/month; no analyzer error.
