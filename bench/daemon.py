@@ -171,6 +171,7 @@ def main() -> int:
                 f'path = "{store}"\n'
                 "[analyzers]\n"
                 f"first_run_delay_s = {86400 if args.no_analyzers else 0}\n"
+                "[api]\nport = 0\n"
             )
             daemon = subprocess.Popen(
                 [sys.executable, "-m", "finopsd", "run", "--config", str(config)],

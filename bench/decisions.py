@@ -847,7 +847,7 @@ def ingest(sc: Scenario, bootstrap: str, work: Path, timeout: float) -> Path:
         f'usage_topic = "{usage}"\ngpu_topic = "{gpu}"\ndead_letter_topic = "{dlq}"\n'
         "session_timeout_ms = 6000\nheartbeat_interval_ms = 1000\n"
         "[ingest]\nbatch_max_age_ms = 200\n"
-        f'[store]\npath = "{work / "finopsd.duckdb"}"\n'
+        f'[store]\npath = "{work / "finopsd.duckdb"}"\n[api]\nport = 0\n'
         "[analyzers]\nfirst_run_delay_s = 86400\n"  # analysed after ingest, by `analyze`
         "[analyzers.caching]\nbackfill_hours = 0\n" + sc.config
     )

@@ -319,8 +319,16 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _held(exc: Exception) -> bool:
+    """The store could not be opened because a running finopsd holds it."""
+    return "lock" in str(exc).lower()
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from finopsd.analyzers.runner import build, run_analyzers
+    from finopsd import views
+    from finopsd.analyzers.base import finding_from_dict
+    from finopsd.analyzers.runner import AnalyzerRun, build, run_analyzers
+    from finopsd.client import DaemonClient, DaemonError
     from finopsd.pricing import PriceBook
     from finopsd.store import Store, StoreError
 
@@ -348,38 +356,29 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 window_days=window_days,
                 min_evidence_hours=settings.analyzers.min_evidence_hours,
             )
+        result = views.analysis(runs, window_days)
     except StoreError as exc:
-        msg = str(exc)
-        if "lock" in msg.lower():
-            msg = (
-                f"the store {settings.store.path} is held by a running finopsd, which runs the "
-                f"analyzers itself every {settings.analyzers.interval_minutes:g} minutes"
+        if not _held(exc):
+            print(f"finopsd: {exc}", file=sys.stderr)
+            return 1
+        try:  # the running daemon runs them, on its own analyzer instances
+            result = DaemonClient(settings).post(
+                "/v1/analyze", {"only": only, "window_days": args.window_days}
             )
-        print(f"finopsd: {msg}", file=sys.stderr)
-        return 1
-    findings = sorted((f for r in runs for f in r.findings), key=lambda f: -f.monthly_savings_usd)
+        except DaemonError as err:
+            print(f"finopsd: {err}", file=sys.stderr)
+            return 1
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "window_days": window_days,
-                    "runs": [
-                        {
-                            "analyzer": r.name,
-                            "seconds": round(r.seconds, 3),
-                            "error": r.error,
-                            "findings": len(r.findings),
-                        }
-                        for r in runs
-                    ],
-                    "findings": [f.as_dict() for f in findings],
-                },
-                default=str,
-            )
-        )
+        print(json.dumps(result))
     else:
-        _print_findings(findings, runs)
-    return 1 if any(r.error for r in runs) else 0
+        _print_findings(
+            [finding_from_dict(f) for f in result["findings"]],
+            [
+                AnalyzerRun(r["analyzer"], r["seconds"], [None] * r["findings"], r["error"])
+                for r in result["runs"]
+            ],
+        )
+    return 1 if any(r["error"] for r in result["runs"]) else 0
 
 
 def _print_findings(findings: list[Any], runs: list[Any]) -> None:
@@ -395,26 +394,23 @@ def _print_findings(findings: list[Any], runs: list[Any]) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from finopsd.pricing import spend_summary
+    from finopsd import views
+    from finopsd.client import DaemonClient, DaemonError
     from finopsd.store import Store, StoreError
 
     settings = _settings(args)
     try:
         with Store(settings.store.path, read_only=True) as store:
-            counts = store.counts()
-            offsets = store.stored_offsets()
-            spend = spend_summary(store.cursor(), settings.pricing.disagreement_tolerance)
+            out = views.stats(store, store.cursor(), settings.pricing.disagreement_tolerance)
     except StoreError as exc:
-        msg = str(exc)
-        if "lock" in msg.lower():
-            msg = f"the store {settings.store.path} is held by a running finopsd"
-        print(f"finopsd: {msg}", file=sys.stderr)
-        return 1
-    out = {
-        **counts,
-        "offsets": {f"{t}[{p}]": o for (t, p), o in sorted(offsets.items())},
-        "spend": spend,
-    }
+        if not _held(exc):
+            print(f"finopsd: {exc}", file=sys.stderr)
+            return 1
+        try:
+            out = DaemonClient(settings).get("/v1/stats")
+        except DaemonError as err:
+            print(f"finopsd: {err}", file=sys.stderr)
+            return 1
     if args.json:
         print(json.dumps(out))
     else:
@@ -423,8 +419,45 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_through_daemon(
+    settings: Settings, args: argparse.Namespace, output: str, to_stdout: bool
+) -> dict[str, Any]:
+    """``GET /v1/export/focus`` into ``output`` (atomically) or stdout; its summary."""
+    import os
+    import tempfile
+
+    from finopsd.client import DaemonClient
+    from finopsd.reports import focus
+
+    client = DaemonClient(settings)
+    params = {
+        "from": focus.format_instant(args.start),
+        "to": focus.format_instant(args.end),
+        "format": args.format,
+        "billing_account": args.billing_account,
+    }
+    if to_stdout:
+        sys.stdout.flush()
+        headers = client.download("/v1/export/focus", params, sys.stdout.buffer)
+        sys.stdout.buffer.flush()
+    else:
+        target = Path(output)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent or ".")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                headers = client.download("/v1/export/focus", params, f)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return json.loads(headers.get("x-finopsd-export", "{}"))
+
+
 def cmd_export_focus(args: argparse.Namespace) -> int:
-    """``export focus``: write a FOCUS 1.2 file of [--from, --to); see ``finopsd.reports.focus``."""
+    """``export focus``: write a FOCUS 1.2 file of [--from, --to); see ``finopsd.reports.focus``.
+
+    While a daemon holds the store, it writes the file (``GET /v1/export/focus``)."""
+    from finopsd.client import DaemonError
     from finopsd.pricing import PriceBook
     from finopsd.reports import focus
     from finopsd.store import Store, StoreError
@@ -463,66 +496,61 @@ def cmd_export_focus(args: argparse.Namespace) -> int:
                 prices=PriceBook.from_settings(settings.pricing),
                 billing_account=args.billing_account,
             )
-            summary = focus.skipped_events(store, start, end)
+            skipped = focus.skipped_events(store, start, end)
     except StoreError as exc:
-        msg = str(exc)
-        if "lock" in msg.lower():
-            msg = (
-                f"the store {path} is held by a running finopsd; stop it first "
-                "(DuckDB lets no other process open the file meanwhile)"
-            )
-        print(f"finopsd: {msg}", file=sys.stderr)
-        return 1
-    try:
-        if to_stdout:
-            focus.write_csv_stdout(table)
-        elif args.format == "csv":
-            focus.write_csv(table, output)
-        else:
-            focus.write_parquet(table, output)
-    except OSError as exc:
-        print(f"finopsd: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    billed = focus.column_total(table, "BilledCost")
-    derived = focus.derived_unit_prices(table)
-    out = {
-        "output": output,
-        "format": args.format,
-        "focus_version": focus.FOCUS_VERSION,
-        "from": focus.format_instant(start),
-        "to": focus.format_instant(end),
-        "rows": table.num_rows,
-        "billed_cost_usd": billed,
-        "list_cost_usd": focus.column_total(table, "ListCost"),
-        **summary.as_dict(),
-        "derived_unit_prices": derived,
-    }
+        if not _held(exc):
+            print(f"finopsd: {exc}", file=sys.stderr)
+            return 1
+        try:  # the running daemon exports it
+            summary = _export_through_daemon(settings, args, output, to_stdout)
+        except DaemonError as err:
+            print(f"finopsd: {err}", file=sys.stderr)
+            return 1
+        except OSError as err:
+            print(f"finopsd: cannot write {output}: {err.strerror or err}", file=sys.stderr)
+            return 1
+    else:
+        summary = focus.export_summary(table, skipped, start, end, args.format)
+        try:
+            if to_stdout:
+                focus.write_csv_stdout(table)
+            elif args.format == "csv":
+                focus.write_csv(table, output)
+            else:
+                focus.write_parquet(table, output)
+        except OSError as exc:
+            print(f"finopsd: cannot write {output}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    out = {"output": output, **summary}
     if args.json:
         print(json.dumps(out), file=sys.stderr if to_stdout else sys.stdout)
         return 0
     where = "stdout" if to_stdout else output
+    unpriced, unsettled = out["unpriced"], out["unsettled"]
+    derived = out["derived_unit_prices"]
     lines = [
-        f"wrote {table.num_rows:,} FOCUS {focus.FOCUS_VERSION} rows to {where} for "
-        f"{out['from']} .. {out['to']}: billed {billed:,.4f} USD (list "
-        f"{out['list_cost_usd']:,.4f}) from {summary.exported_events:,} priced events and "
-        f"{summary.idle_hours:,} idle deployment-hours ({summary.idle_cost_usd:,.4f} USD)"
+        f"wrote {out['rows']:,} FOCUS {out['focus_version']} rows to {where} for "
+        f"{out['from']} .. {out['to']}: billed {out['billed_cost_usd']:,.4f} USD (list "
+        f"{out['list_cost_usd']:,.4f}) from {out['exported_events']:,} priced events and "
+        f"{out['idle_deployment_hours']:,} idle deployment-hours "
+        f"({out['idle_cost_usd']:,.4f} USD)"
     ]
-    if summary.unpriced_events:
-        models = ", ".join(f"{m} ({n:,})" for m, n in summary.unpriced_models.items())
+    if unpriced["events"]:
+        models = ", ".join(f"{m} ({n:,})" for m, n in unpriced["models"].items())
         lines.append(
-            f"left out {summary.unpriced_events:,} unpriced events: {models}; add prices "
+            f"left out {unpriced['events']:,} unpriced events: {models}; add prices "
             "with [[pricing.prices]] or [[pricing.deployments]]"
         )
-    if summary.unsettled_events:
-        deps = ", ".join(f"{d} ({n:,})" for d, n in summary.unsettled_deployments.items())
+    if unsettled["events"]:
+        deps = ", ".join(f"{d} ({n:,})" for d, n in unsettled["deployments"].items())
         lines.append(
-            f"left out {summary.unsettled_events:,} self-hosted events whose hour is not "
+            f"left out {unsettled['events']:,} self-hosted events whose hour is not "
             f"settled yet: {deps}"
         )
-    if summary.cache_hit_events:
+    if out["cache_hits"]["events"]:
         lines.append(
-            f"left out {summary.cache_hit_events:,} events answered from a gateway's response "
-            "cache (no provider bills them)"
+            f"left out {out['cache_hits']['events']:,} events answered from a gateway's "
+            "response cache (no provider bills them)"
         )
     if derived:
         ids = ", ".join(f"{p} ({n:,} rows)" for p, n in derived.items())

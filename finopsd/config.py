@@ -225,6 +225,36 @@ class AnalyzersSettings(_Section):
         return {k: dict(v) for k, v in (self.model_extra or {}).items()}
 
 
+class ApiSettings(_Section):
+    """``[api]``: the HTTP API the daemon serves (and the CLI talks to while it runs)."""
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", min_length=1, description="the address to listen on")
+    port: int = Field(8787, ge=0, le=65535, description="0: any free port (logged)")
+    token: SecretStr | None = Field(None, description="the bearer token; prefer token_file")
+    token_file: Path | None = Field(
+        None,
+        description="a file holding the bearer token; unset and no token: the daemon makes "
+        "one in <store.path>.api-token (mode 0600) for the CLI on the same machine",
+    )
+    public_reads: bool = Field(False, description="GET endpoints without a token")
+    ready_max_lag: int = Field(
+        100_000, ge=0, le=10**15, description="/readyz fails while the consumer lag is above this"
+    )
+
+    @model_validator(mode="after")
+    def _one_token(self) -> ApiSettings:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("set token or token_file, not both")
+        if self.token is not None and len(self.token.get_secret_value().strip()) < 16:
+            raise ValueError("token: at least 16 characters")
+        return self
+
+    def token_path(self, store_path: Path) -> Path:
+        """Where the token is read from: ``token_file``, else the daemon's own file."""
+        return self.token_file or store_path.with_name(store_path.name + ".api-token")
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -289,6 +319,7 @@ class Settings(_Section):
     store: StoreSettings = StoreSettings()
     pricing: PricingSettings = PricingSettings()
     analyzers: AnalyzersSettings = AnalyzersSettings()
+    api: ApiSettings = ApiSettings()
     log: LogSettings = LogSettings()
 
     def redacted(self) -> dict[str, Any]:
@@ -413,9 +444,42 @@ def _check_files(settings: Settings, prefix: str) -> None:
         if text is not None and not text.strip():
             raise ConfigError(f"{prefix}kafka.{key}: {file} is empty")
     _check_writable(settings.store.path, "store.path", "the store's file", prefix)
+    _check_api(settings, prefix)
     log_file = settings.embedded_broker.log_file
     if k.embedded and log_file is not None:
         _check_writable(log_file, "embedded_broker.log_file", "a file", prefix)
+
+
+def _check_api(settings: Settings, prefix: str) -> None:
+    """The API's token file is readable and long enough; the address can be listened on."""
+    api = settings.api
+    if not api.enabled:
+        return
+    if api.token_file is not None:
+        try:
+            text = api.token_file.read_bytes().decode()
+        except OSError as exc:
+            raise ConfigError(
+                f"{prefix}api.token_file: cannot read {api.token_file}: {exc.strerror}"
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"{prefix}api.token_file: {api.token_file} is not UTF-8 text"
+            ) from None
+        if len(text.strip()) < 16:
+            raise ConfigError(
+                f"{prefix}api.token_file: {api.token_file} holds fewer than 16 characters"
+            )
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(api.host, api.port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise ConfigError(
+            f"{prefix}api.host: cannot resolve {api.host!r}: {exc.strerror}"
+        ) from None
+    if not infos:
+        raise ConfigError(f"{prefix}api.host: {api.host!r} has no address")
 
 
 def _check_writable(file: Path, key: str, what: str, prefix: str) -> None:
@@ -460,6 +524,13 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         }
     )
     pricing = settings.pricing.model_copy(update={"catalog": resolve(settings.pricing.catalog)})
+    api = settings.api.model_copy(update={"token_file": resolve(settings.api.token_file)})
     return settings.model_copy(
-        update={"store": store, "embedded_broker": broker, "kafka": kafka, "pricing": pricing}
+        update={
+            "store": store,
+            "embedded_broker": broker,
+            "kafka": kafka,
+            "pricing": pricing,
+            "api": api,
+        }
     )

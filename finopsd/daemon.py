@@ -12,15 +12,17 @@ import ctypes.util
 import logging
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 from kafka import KafkaConsumer, KafkaProducer
 
+from finopsd.client import clear_address, read_token, write_address
 from finopsd.config import Settings
 from finopsd.events import GpuSample, UsageEvent
 from finopsd.ingest.broker import EmbeddedBroker, ensure_topics
@@ -30,7 +32,14 @@ from finopsd.ingest.pipeline import DeadLetterSink, Ingestor, IngestStats, Inges
 from finopsd.pricing import PriceBook, settle_self_hosted
 from finopsd.store import Store
 
+if TYPE_CHECKING:
+    from finopsd.api.server import ApiServer
+    from finopsd.api.state import Check
+
 log = logging.getLogger(__name__)
+
+LIVENESS_POLL_S = 120.0
+"""/healthz fails once the consumer loop has not polled for this long (a wedged loop)."""
 
 MMAP_THRESHOLD = 256 << 10
 """Allocations from the C library's malloc at least this large get pages of their own,
@@ -143,6 +152,8 @@ class AnalyzerScheduler:
 
     The first runs start ``analyzers.first_run_delay_s`` after the daemon; a failing run
     is logged and the next one goes ahead; ingest is never held up by analysis.
+    ``run_now`` (the API's ``POST /v1/analyze``) runs the same instances at once, one
+    at a time with the scheduled runs.
     """
 
     def __init__(self, store: Store, prices: PriceBook, settings: Settings) -> None:
@@ -154,6 +165,8 @@ class AnalyzerScheduler:
 
         self.store = store
         self.prices = prices
+        self._lock = threading.Lock()  # one run at a time: scheduled or asked for
+        self.analyzers: list[Any] = []
         self.window_days = settings.analyzers.window_days
         self.min_evidence_hours = settings.analyzers.min_evidence_hours
         self.scheduler = BackgroundScheduler(
@@ -161,7 +174,8 @@ class AnalyzerScheduler:
         )
         self.scheduler.add_listener(self._on_error, EVENT_JOB_ERROR)
         first = datetime.now(UTC) + timedelta(seconds=settings.analyzers.first_run_delay_s)
-        for analyzer in build(settings.analyzers.options()):
+        self.analyzers = build(settings.analyzers.options())
+        for analyzer in self.analyzers:
             minutes = analyzer.options.interval_minutes or settings.analyzers.interval_minutes
             self.scheduler.add_job(
                 self._run,
@@ -175,16 +189,42 @@ class AnalyzerScheduler:
                 misfire_grace_time=None,
             )
 
+    def run_now(self, only: list[str] | None, window_days: float | None) -> list[Any]:
+        """Run the enabled analyzers named in ``only`` (all: None) now, over
+        ``window_days`` (default ``analyzers.window_days``); their ``AnalyzerRun``s.
+        Raises ValueError naming an unknown or disabled analyzer."""
+        from finopsd.analyzers.runner import run_analyzers
+
+        chosen = self.analyzers
+        if only is not None:
+            by_name = {a.name: a for a in self.analyzers}
+            unknown = [n for n in only if n not in by_name]
+            if unknown:
+                raise ValueError(
+                    f"unknown or disabled analyzer {', '.join(unknown)}; enabled: "
+                    f"{', '.join(sorted(by_name)) or 'none'}"
+                )
+            chosen = [by_name[n] for n in only]
+        with self._lock:
+            return run_analyzers(
+                self.store,
+                self.prices,
+                chosen,
+                window_days=window_days or self.window_days,
+                min_evidence_hours=self.min_evidence_hours,
+            )
+
     def _run(self, analyzer: Any) -> None:
         from finopsd.analyzers.runner import run_analyzers
 
-        (run,) = run_analyzers(
-            self.store,
-            self.prices,
-            [analyzer],
-            window_days=self.window_days,
-            min_evidence_hours=self.min_evidence_hours,
-        )
+        with self._lock:
+            (run,) = run_analyzers(
+                self.store,
+                self.prices,
+                [analyzer],
+                window_days=self.window_days,
+                min_evidence_hours=self.min_evidence_hours,
+            )
         if run.error is None:
             log.info(
                 "analyzer %s: %d finding(s) in %.2fs", run.name, len(run.findings), run.seconds
@@ -218,6 +258,8 @@ class Daemon:
         self.ready = threading.Event()
         self.bootstrap: str | None = None
         self._ingestor: Ingestor | None = None
+        self._worker: IngestWorker | None = None
+        self._api: ApiServer | None = None
         self._stop = threading.Event()
         self._connecting = False  # a signal then raises StartupInterrupted (see run)
 
@@ -225,6 +267,112 @@ class Daemon:
         self._stop.set()
         if self._ingestor is not None:
             self._ingestor.stop()
+
+    # -- the API's view of the daemon -------------------------------------------------
+
+    def _start_api(
+        self, store: Store, prices: PriceBook, worker: IngestWorker, analysis: AnalyzerScheduler
+    ) -> ApiServer | None:
+        """Serve the HTTP API (``[api]``) in a thread of its own; None when disabled."""
+        s = self.settings
+        if not s.api.enabled:
+            return None
+        from finopsd.api.app import create_app
+        from finopsd.api.server import ApiServer
+        from finopsd.api.state import ServiceState
+
+        token = read_token(s, create=True)
+        if token is None:
+            raise RuntimeError(f"api: no token in {s.api.token_path(s.store.path)}")
+        self._worker = worker
+        state = ServiceState(
+            store=store,
+            settings=s,
+            prices=prices,
+            stats=self.stats,
+            liveness=self.liveness,
+            readiness=self.readiness,
+            lag=self.lag,
+            analyze=analysis.run_now,
+            started_at=time.time(),
+        )
+        self._api = ApiServer(create_app(state, token), s.api.host, s.api.port)
+        self._api.start()
+        write_address(s, self._api.url)
+        return self._api
+
+    def lag(self) -> dict[tuple[str, int], int | None]:
+        """Records behind per assigned partition (None: not known yet)."""
+        return self._ingestor.lag() if self._ingestor is not None else {}
+
+    def liveness(self) -> list[Check]:
+        """The threads that must run: ingest's decode and store threads, the consumer loop
+        (it polled within ``LIVENESS_POLL_S``, once it has started), the API."""
+        from finopsd.api.state import Check
+
+        checks = []
+        worker = self._worker
+        checks.append(
+            Check("ingest-threads", worker is not None and worker.alive(), "decode/store thread")
+        )
+        ingestor = self._ingestor
+        last = ingestor.last_poll_at if ingestor is not None else None
+        if last is None:
+            checks.append(Check("consumer-loop", True, "starting"))
+        else:
+            ago = time.monotonic() - last
+            checks.append(
+                Check("consumer-loop", ago < LIVENESS_POLL_S, f"last poll {ago:.1f} s ago")
+            )
+        if self._api is not None:
+            checks.append(self._api.health())
+        return checks
+
+    def readiness(self) -> list[Check]:
+        """Able to do its job: the broker answers, partitions are assigned, the store takes
+        writes, the consumer lag is at most ``api.ready_max_lag``."""
+        from finopsd.api.state import Check
+
+        ingestor = self._ingestor
+        consumer = ingestor.consumer if ingestor is not None else None
+        try:  # the group coordinator is known while its broker answers heartbeats
+            coordinator = getattr(consumer, "_coordinator", None)
+            connected = coordinator is not None and not coordinator.coordinator_unknown()
+        except Exception:  # the consumer is closing
+            connected = False
+        stall = self.stats.stall
+        checks = [
+            Check(
+                "broker",
+                connected and (stall is None or stall.cause != "broker"),
+                "no group coordinator: the broker does not answer"
+                if not connected
+                else ("" if stall is None else stall.describe()),
+            ),
+            Check(
+                "partitions",
+                ingestor is not None and bool(ingestor.assignment),
+                f"{len(ingestor.assignment) if ingestor else 0} assigned",
+            ),
+            Check(
+                "store",
+                stall is None or stall.cause != "store",
+                "" if stall is None else stall.describe(),
+            ),
+        ]
+        lags = self.lag()
+        known = [n for n in lags.values() if n is not None]
+        worst = max(known, default=0)
+        limit = self.settings.api.ready_max_lag
+        checks.append(
+            Check(
+                "lag",
+                worst <= limit,
+                f"{worst:,} records behind (at most {limit:,}); "
+                f"{len(lags) - len(known)} partition(s) not known yet",
+            )
+        )
+        return checks
 
     def install_signal_handlers(self) -> None:
         def handle(signum: int, _frame: FrameType | None) -> None:
@@ -340,6 +488,17 @@ class Daemon:
             settler.start()
             analysis = AnalyzerScheduler(store, prices, s)
             analysis.start()
+            api = None
+            try:
+                api = self._start_api(store, prices, worker, analysis)
+            except Exception as exc:  # ApiServerError: the address is busy or forbidden
+                log.error("%s", exc)
+                self._stop.set()
+                analysis.stop()
+                settler.join()
+                dead_letters.close(timeout_s=10)
+                worker.close()
+                return 1
             try:
                 self._connecting = True
                 if not self._stop.is_set():  # (a signal before the flag was set)
@@ -350,6 +509,9 @@ class Daemon:
             finally:
                 self._connecting = False
                 self._stop.set()
+                if api is not None:
+                    api.stop()
+                    clear_address(s)
                 analysis.stop()
                 settler.join()
                 dead_letters.close(timeout_s=10)

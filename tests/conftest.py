@@ -132,6 +132,7 @@ def write_config(
         },
         "ingest": {"batch_max_age_ms": 200},
         "store": {"path": str(store_path)},
+        "api": {"port": 0},  # any free port: tests run daemons side by side
         "log": {"level": "info"},
     }
     for section, values in (overrides or {}).items():

@@ -115,6 +115,7 @@ def test_a_taken_port_is_reported_not_shared(tmp_path: Path) -> None:
         config = tmp_path / "c.toml"
         config.write_text(
             f"[embedded_broker]\nport = {port}\n[store]\npath = '{tmp_path / 's.duckdb'}'\n"
+            "[api]\nport = 0\n"
         )
         started = time.monotonic()
         result = subprocess.run(

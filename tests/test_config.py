@@ -407,7 +407,7 @@ def test_sigterm_during_start_up_against_an_unanswering_broker_stops_at_once(
         path = write(
             tmp_path,
             f'[kafka]\nbootstrap_servers = "127.0.0.1:{port}"\nrequest_timeout_ms = 60000\n'
-            f'[store]\npath = "{tmp_path / "s.duckdb"}"\n',
+            f'[store]\npath = "{tmp_path / "s.duckdb"}"\n[api]\nport = 0\n',
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("FINOPSD_")}
         proc = subprocess.Popen(
@@ -450,7 +450,7 @@ def test_sigterm_during_start_up_against_an_unreachable_broker_exits_0_at_once(
     path = write(
         tmp_path,
         f'[kafka]\nbootstrap_servers = "127.0.0.1:{port}"\nrequest_timeout_ms = 60000\n'
-        f'[store]\npath = "{tmp_path / "s.duckdb"}"\n',
+        f'[store]\npath = "{tmp_path / "s.duckdb"}"\n[api]\nport = 0\n',
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINOPSD_")}
     proc = subprocess.Popen(

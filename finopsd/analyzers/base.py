@@ -183,6 +183,27 @@ class Finding:
         }
 
 
+def finding_from_dict(data: dict[str, Any]) -> Finding:
+    """A ``Finding`` from its ``as_dict()`` form (what the API returns)."""
+    action = data.get("action")
+    return Finding(
+        kind=data["kind"],
+        scope=dict(data["scope"]),
+        title=data["title"],
+        evidence=dict(data.get("evidence") or {}),
+        monthly_savings_usd=float(data["monthly_savings_usd"]),
+        savings_method=data["savings_method"],
+        confidence=float(data["confidence"]),
+        risk=data["risk"],
+        action=ActionSpec(action["actuator"], dict(action.get("params") or {})) if action else None,
+        evidence_hours=float(data.get("evidence_hours") or 0.0),
+        evidence_requests=int(data.get("evidence_requests") or 0),
+        monthly_savings_low_usd=data.get("monthly_savings_low_usd"),
+        monthly_savings_high_usd=data.get("monthly_savings_high_usd"),
+        provisional=bool(data.get("provisional")),
+    )
+
+
 def judge_evidence(finding: Finding, min_evidence_hours: float, min_requests: int) -> Finding:
     """Mark ``finding`` provisional when its evidence is short; idempotent, returns it.
 

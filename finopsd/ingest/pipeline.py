@@ -118,6 +118,10 @@ class _Flush:
 _STOP = object()
 
 
+APPEND_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Upper bounds (seconds) of the store-append latency histogram's buckets."""
+
+
 @dataclass
 class IngestStats:
     """Counters since start; read them with ``snapshot()``."""
@@ -132,6 +136,9 @@ class IngestStats:
     cost_disagreements: int = 0  # events where the gateway's cost and ours disagree
     last_batch_at: float | None = None
     stall: Stall | None = None  # set while the store or the broker cannot be written
+    dead_letters_by_topic: Counter[tuple[str, str]] = field(default_factory=Counter)
+    append_seconds: list[int] = field(default_factory=lambda: [0] * (len(APPEND_BUCKETS_S) + 1))
+    append_seconds_sum: float = 0.0  # store appends: counts per APPEND_BUCKETS_S bucket, +Inf
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add_batch(
@@ -149,6 +156,17 @@ class IngestStats:
             self.duplicates.update({t: received[t] - n for t, n in inserted.items()})
             self.dead_letters.update(dead_letters)
             self.last_batch_at = time.time()
+
+    def add_dead_letter_topics(self, topic_reasons: Counter[tuple[str, str]]) -> None:
+        """Count dead letters by (source topic, reason)."""
+        with self._lock:
+            self.dead_letters_by_topic.update(topic_reasons)
+
+    def add_append(self, seconds: float) -> None:
+        """Count one store append (a batch's transaction) and how long it took."""
+        with self._lock:
+            self.append_seconds[bisect.bisect_left(APPEND_BUCKETS_S, seconds)] += 1
+            self.append_seconds_sum += seconds
 
     def add_pricing(self, pricing: PricingStats) -> None:
         with self._lock:
@@ -273,6 +291,10 @@ class IngestWorker:
         for thread in self._threads:
             thread.daemon = True
             thread.start()
+
+    def alive(self) -> bool:
+        """Whether the decode and store threads still run (any thread may ask)."""
+        return all(t.is_alive() for t in self._threads)
 
     # -- called from the polling thread ---------------------------------------------
 
@@ -521,8 +543,14 @@ class IngestWorker:
         ]
         if batch.dead and self.dead_letters is not None:
             self._send_dead_letters(batch.dead, batch.count)
+        began = time.monotonic()
         result = self._retry(lambda: self._append(out), batch.count)
+        self.stats.add_append(time.monotonic() - began)
         reasons = Counter(r.reason for _, r in batch.dead)
+        if batch.dead:
+            self.stats.add_dead_letter_topics(
+                Counter((rec.topic, r.reason) for rec, r in batch.dead)
+            )
         reasons.update("internal" for _ in range(len(out.dead_letters) - len(batch.dead)))
         self.stats.add_batch(batch.count, result.inserted, received, reasons)
         with self._stored_lock:
@@ -796,6 +824,8 @@ class Ingestor:
         self._stop = threading.Event()
         self._closing = False
         self.polled = 0
+        self.last_poll_at: float | None = None  # time.monotonic() of the latest poll
+        self.positions: dict[tuple[str, int], int] = {}  # next offset stored, by partition
         self.consumer: KafkaConsumer | None = None
         self.assignment: set[TopicPartition] = set()
         self._unsettled: set[TopicPartition] = set()
@@ -813,6 +843,7 @@ class Ingestor:
         try:
             while not self._stop.is_set():
                 polled = consumer.poll(timeout_ms=200, max_records=self.max_poll_records)
+                self.last_poll_at = time.monotonic()
                 self._settle_positions()
                 for tp, blocks in polled.items():
                     self.worker.submit(Chunk(tp.topic, tp.partition, blocks))
@@ -830,7 +861,23 @@ class Ingestor:
             finally:
                 self.worker.close()
 
+    def lag(self) -> dict[tuple[str, int], int | None]:
+        """Records behind, per assigned partition: the broker's high watermark (as of the
+        latest fetch) - the next offset stored; None until both are known. Any thread."""
+        consumer = self.consumer
+        with self._assignment_lock:
+            assigned = sorted(self.assignment)
+        out: dict[tuple[str, int], int | None] = {}
+        for tp in assigned:
+            high = consumer.highwater(tp) if consumer is not None else None
+            stored = self.positions.get((tp.topic, tp.partition))
+            out[(tp.topic, tp.partition)] = (
+                None if high is None or stored is None else max(0, high - stored)
+            )
+        return out
+
     def _commit(self, offsets: dict[tuple[str, int], int], *, sync: bool = False) -> None:
+        self.positions.update(offsets)
         if not offsets or self.consumer is None:
             return
         payload = {
@@ -888,6 +935,7 @@ class Ingestor:
                 behind[(tp.topic, tp.partition)] = position
             if position is not None:
                 self.consumer.seek(tp, position)
+                self.positions[(tp.topic, tp.partition)] = position
         self._commit(behind, sync=True)
         with self._assignment_lock:
             settled = tps - self._unsettled

@@ -746,6 +746,24 @@ def skipped_events(
     return out
 
 
+def export_summary(
+    table: pa.Table, skipped: SkippedEvents, start: datetime, end: datetime, fmt: str
+) -> dict[str, Any]:
+    """What ``finopsd export focus`` reports about an export of ``table`` (and the API's
+    ``X-Finopsd-Export`` header): rows, billed and list cost, what was left out."""
+    return {
+        "format": fmt,
+        "focus_version": FOCUS_VERSION,
+        "from": format_instant(start),
+        "to": format_instant(end),
+        "rows": table.num_rows,
+        "billed_cost_usd": column_total(table, "BilledCost"),
+        "list_cost_usd": column_total(table, "ListCost"),
+        **skipped.as_dict(),
+        "derived_unit_prices": derived_unit_prices(table),
+    }
+
+
 def column_total(table: pa.Table, column: str) -> float:
     """The sum of a numeric column of ``table`` (0.0 when it has no rows)."""
     return float(pc.sum(table.column(column)).as_py() or 0.0)
@@ -792,7 +810,7 @@ def _column_text(column: pa.ChunkedArray) -> list[str]:
     return ["" if v is None else v for v in column.to_pylist()]
 
 
-def _csv_rows(table: pa.Table) -> Iterable[list[str]]:
+def csv_rows(table: pa.Table) -> Iterable[list[str]]:
     yield list(table.column_names)
     for batch in table.to_batches(max_chunksize=16384):
         part = pa.Table.from_batches([batch])
@@ -819,7 +837,7 @@ def write_csv(table: pa.Table, out: str | Path | TextIO) -> None:
 
 def _write_csv_stream(table: pa.Table, stream: TextIO) -> None:
     writer = csv.writer(stream, quoting=csv.QUOTE_MINIMAL)
-    writer.writerows(_csv_rows(table))
+    writer.writerows(csv_rows(table))
     stream.flush()
 
 
