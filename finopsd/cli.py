@@ -20,6 +20,7 @@ from typing import Any
 
 from finopsd import __version__
 from finopsd.config import ConfigError, Settings, load_settings
+from finopsd.logctx import REQUEST_ID
 
 log = logging.getLogger("finopsd")
 
@@ -32,6 +33,9 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        request_id = REQUEST_ID.get()
+        if request_id is not None:  # a line written while serving an API request
+            out["request_id"] = request_id
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)

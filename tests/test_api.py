@@ -59,7 +59,9 @@ def running(
     start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
     load = UsageLoad(seed=7, start=start)
     sent = produce_messages(topics.bootstrap, topics.usage, itertools.islice(iter(load), N))
-    setup = make_config("api", analyzers={"first_run_delay_s": 86400})
+    setup = make_config(
+        "api", analyzers={"first_run_delay_s": 86400}, log={"format": "json", "level": "info"}
+    )
     daemon = daemons(setup).start()
     daemon.wait_ready()
     wait_consumed([daemon], topics, next_offsets(sent))
@@ -110,7 +112,10 @@ def test_probes_auth_and_reads(running: tuple[DaemonSetup, DaemonProcess, int]) 
         assert c.get("/v1/findings/nope", headers=auth).status_code == 404
         assert c.get("/openapi.json").json()["info"]["title"] == "finopsd"
     log = daemon.log_text(since_start=True)
-    assert "GET /v1/stats 200" in log and "[req-42]" in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    served = [x for x in lines if x.get("request_id") == "req-42"]
+    assert served and served[0]["msg"].startswith("GET /v1/stats 200"), served
+    assert all("request_id" in x for x in lines if x["logger"] == "finopsd.api")
     token = token_file.read_text().strip()
     assert token not in log
 
