@@ -33,7 +33,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from kubernetes_validate.utils import SchemaNotFoundError
+from kubernetes_validate import SchemaNotFoundError
 
 from finopsd.config import ConfigError, Settings, load_settings
 
