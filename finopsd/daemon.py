@@ -30,6 +30,7 @@ from finopsd.ingest.decode import BatchDecoder, TimeWindow
 from finopsd.ingest.formats import NATIVE, make_decoder
 from finopsd.ingest.pipeline import DeadLetterSink, Ingestor, IngestStats, IngestWorker, Route
 from finopsd.pricing import PriceBook, settle_self_hosted
+from finopsd.service.notify import Notifier, Watchdog
 from finopsd.store import Store
 
 if TYPE_CHECKING:
@@ -38,8 +39,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SUPERVISE_S = 1.0
+"""How often the main thread checks health and feeds the watchdog."""
+STATUS_EVERY_S = 10.0
+"""How often ``STATUS=`` may change."""
 LIVENESS_POLL_S = 120.0
 """/healthz fails once the consumer loop has not polled for this long (a wedged loop)."""
+WEDGED_S = 60.0
+"""/healthz fails (and the watchdog stops) once an ingest thread is stuck this long."""
 
 MMAP_THRESHOLD = 256 << 10
 """Allocations from the C library's malloc at least this large get pages of their own,
@@ -260,6 +267,7 @@ class Daemon:
         self._ingestor: Ingestor | None = None
         self._worker: IngestWorker | None = None
         self._api: ApiServer | None = None
+        self._poll_error: BaseException | None = None
         self._stop = threading.Event()
         self._connecting = False  # a signal then raises StartupInterrupted (see run)
 
@@ -267,6 +275,56 @@ class Daemon:
         self._stop.set()
         if self._ingestor is not None:
             self._ingestor.stop()
+
+    # -- supervision: the main thread -------------------------------------------------
+
+    def _poll(self) -> None:
+        """The ``ingest-poll`` thread: the consumer loop until stopped; an error is kept
+        for the main thread to raise."""
+        assert self._ingestor is not None
+        try:
+            self._ingestor.run()
+        except BaseException as exc:
+            self._poll_error = exc
+            self._stop.set()
+
+    def _supervise(self, poller: threading.Thread, notifier: Notifier) -> None:
+        """Until ``poller`` ends: every ``SUPERVISE_S``, the health checks feed the systemd
+        watchdog (pings only while all pass); ``READY=1`` once partitions are assigned
+        and the API listens; ``STATUS=`` with a one-line summary when it changes."""
+        watchdog = Watchdog(notifier)
+        ready = False
+        last_status = 0.0
+        while poller.is_alive():
+            poller.join(SUPERVISE_S)
+            if not poller.is_alive():
+                return
+            failing = [c for c in self.liveness() if not c.ok]
+            watchdog.beat(not failing, "; ".join(f"{c.name}: {c.detail}" for c in failing))
+            ingestor = self._ingestor
+            if not ready and ingestor is not None and ingestor.assignment:
+                ready = notifier.ready(self.status_line()) or not notifier.enabled
+                if ready:
+                    log.info("ready: %s", self.status_line())
+            now = time.monotonic()
+            if now - last_status >= STATUS_EVERY_S:
+                watchdog.status(self.status_line())
+                last_status = now
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``: records, events stored, lag, partitions, API."""
+        snap = self.stats.snapshot()
+        known = [n for n in self.lag().values() if n is not None]
+        parts = self._ingestor.assignment if self._ingestor is not None else set()
+        line = (
+            f"{snap['records']:,} records read, {sum(snap['stored'].values()):,} rows stored, "
+            f"lag {max(known, default=0):,}, {len(parts)} partitions"
+        )
+        if snap["stalled"] is not None:
+            line += f"; paused: {snap['stalled']['cause']} unavailable"
+        if self._api is not None:
+            line += f"; API {self._api.url}"
+        return line
 
     # -- the API's view of the daemon -------------------------------------------------
 
@@ -312,13 +370,21 @@ class Daemon:
 
         checks = []
         worker = self._worker
+        alive = worker is not None and worker.alive()
+        checks.append(Check("ingest-threads", alive, "" if alive else "decode/store thread ended"))
+        stuck = worker.wedged(WEDGED_S) if worker is not None else None
         checks.append(
-            Check("ingest-threads", worker is not None and worker.alive(), "decode/store thread")
+            Check(
+                "ingest-progress",
+                stuck is None,
+                "" if stuck is None else f"the {stuck} thread is stuck (over {WEDGED_S:g} s)",
+            )
         )
         ingestor = self._ingestor
         last = ingestor.last_poll_at if ingestor is not None else None
-        if last is None:
-            checks.append(Check("consumer-loop", True, "starting"))
+        if last is None or (worker is not None and worker.backpressured):
+            detail = "starting" if last is None else "waiting for the store (backpressure)"
+            checks.append(Check("consumer-loop", True, detail))
         else:
             ago = time.monotonic() - last
             checks.append(
@@ -499,15 +565,22 @@ class Daemon:
                 dead_letters.close(timeout_s=10)
                 worker.close()
                 return 1
+            notifier = Notifier.from_environ(unset_environment=True)
+            poller = threading.Thread(target=self._poll, name="ingest-poll", daemon=True)
             try:
                 self._connecting = True
                 if not self._stop.is_set():  # (a signal before the flag was set)
-                    self._ingestor.run()
+                    poller.start()
+                    self._supervise(poller, notifier)
             except StartupInterrupted:
-                worker.close()  # the consumer's constructor may be where it was raised
+                worker.close()  # the consumer's constructor may be where it is stuck
                 raise
             finally:
                 self._connecting = False
+                notifier.stopping("stopping: storing the batch in flight")
+                self.stop()
+                if poller.is_alive():
+                    poller.join()  # the final batch is stored and its offsets committed
                 self._stop.set()
                 if api is not None:
                     api.stop()
@@ -515,6 +588,9 @@ class Daemon:
                 analysis.stop()
                 settler.join()
                 dead_letters.close(timeout_s=10)
+                notifier.close()
+            if self._poll_error is not None:
+                raise self._poll_error
             snap = self.stats.snapshot()
             log.info(
                 "stopped %s: %d records in %d batches; stored %s; duplicates %s; dead letters %s",

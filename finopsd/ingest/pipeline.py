@@ -284,6 +284,8 @@ class IngestWorker:
         self._error: BaseException | None = None
         self._stopping = threading.Event()
         self._abandoned = threading.Event()
+        self._beats = {"decode": time.monotonic(), "store": time.monotonic()}
+        self.backpressured = False  # the polling thread waits in submit() for room
         self._threads = [
             threading.Thread(target=self._guard, args=(self._decode_loop,), name="ingest-decode"),
             threading.Thread(target=self._guard, args=(self._store_loop,), name="ingest-store"),
@@ -295,6 +297,16 @@ class IngestWorker:
     def alive(self) -> bool:
         """Whether the decode and store threads still run (any thread may ask)."""
         return all(t.is_alive() for t in self._threads)
+
+    def wedged(self, max_s: float) -> str | None:
+        """The thread ("decode" or "store") that has not come round its loop for more than
+        ``max_s`` seconds, or None. Waiting out an outage (``stats.stall``) counts as
+        coming round: the wait is by design. Any thread may ask."""
+        now = time.monotonic()
+        for name, beat in self._beats.items():
+            if now - beat > max_s:
+                return name
+        return None
 
     # -- called from the polling thread ---------------------------------------------
 
@@ -338,6 +350,13 @@ class IngestWorker:
         self._check()
 
     def _put(self, item: object) -> None:
+        self.backpressured = True
+        try:
+            self._put_waiting(item)
+        finally:
+            self.backpressured = False
+
+    def _put_waiting(self, item: object) -> None:
         size = item.size_bytes if isinstance(item, Chunk) else 0
         waited_from: float | None = None
         with self._queued:
@@ -388,18 +407,21 @@ class IngestWorker:
         """Pass ``item`` to the store thread; return once that thread has taken it."""
         self._handed.clear()
         while self._error is None and not self._abandoned.is_set():
+            self._beats["decode"] = time.monotonic()  # waiting for the store thread (its own beat)
             try:
                 self._batches.put(item, timeout=0.1)
                 break
             except queue.Full:
                 continue
         while self._error is None and not self._abandoned.is_set():
+            self._beats["decode"] = time.monotonic()
             if self._handed.wait(0.1):
                 return
 
     def _decode_loop(self) -> None:
         batch = _Batch()
         while self._error is None and not self._abandoned.is_set():
+            self._beats["decode"] = time.monotonic()
             timeout = 0.1
             if batch.count:
                 timeout = min(timeout, batch.opened + self.batch_max_age_s - time.monotonic())
@@ -496,6 +518,7 @@ class IngestWorker:
 
     def _store_loop(self) -> None:
         while self._error is None and not self._abandoned.is_set():
+            self._beats["store"] = time.monotonic()
             try:
                 item = self._batches.get(timeout=0.1)
             except queue.Empty:
@@ -651,6 +674,7 @@ class IngestWorker:
                 if now - reported >= STALL_REPORT_S:
                     log.error("%s; ingest paused, retrying", stall.describe())
                     reported = now
+                self._beats["store"] = time.monotonic()  # waiting, by design: not wedged
                 if self._stopping.is_set() or self._stopping.wait(delay):
                     self._abandoned.set()
                     raise _Abandoned from exc
