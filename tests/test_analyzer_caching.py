@@ -720,6 +720,130 @@ def test_exact_repeats_count_the_whole_window_on_the_first_run(tmp_path: Path) -
     assert f.evidence_hours == pytest.approx(7 * 24, abs=1) and not f.provisional
 
 
+def history_traffic() -> list[dict[str, Any]]:
+    """Four days of mixed traffic for the first run's history: two tenants, a self-hosted
+    deployment, errors, unpriced requests, requests without a prompt_hash, repeats at
+    the TTL (600 s) and just past it, and on the second day two pairs of requests of one
+    key at the same microsecond, stored against their event_id order, so that only the
+    processing order (ts, event_id) says which one was answered first."""
+    start = NOW - timedelta(days=4)
+    rows: list[dict[str, Any]] = []
+    for i in range(3000):
+        ts = start + timedelta(seconds=97 * i)
+        key = i % 37 if i % 3 else i % 11
+        row: dict[str, Any] = {
+            "event_id": f"h{i:05d}",
+            "ts": ts,
+            "tenant": ("acme", "globex")[i % 2],
+            "app": "bot",
+            "feature": ("faq", "chat")[i % 5 == 0],
+            "prompt_hash": None if i % 13 == 0 else f"p{key}",
+            "status": "error" if i % 17 == 0 else "ok",
+            "input_tokens": 100 + i % 50,
+            "cost_usd": None if i % 19 == 0 else 0.001 * (1 + i % 7),
+        }
+        if i % 23 == 0:
+            row |= {"provider": "vllm", "request_model": "llama", "deployment": "llama-8b"}
+            row["cost_usd"] = None
+        rows.append(row)
+    for j, gap in enumerate((599, 600, 601)):  # the TTL is inclusive
+        t = start + timedelta(hours=30 + j)
+        for n, dt in enumerate((0, gap)):
+            rows.append(
+                {
+                    "event_id": f"g{j}-{n}",
+                    "ts": t + timedelta(seconds=dt),
+                    "tenant": "acme",
+                    "app": "bot",
+                    "feature": "ttl",
+                    "prompt_hash": f"gap{j}",
+                    "input_tokens": 10,
+                    "cost_usd": 0.5,
+                }
+            )
+    tie = start + timedelta(days=1, hours=5, microseconds=7)
+    # stored b before a; processed a before b: each b repeats its a (in stored order, the
+    # first b errs and its a is no repeat, the second a would repeat its b: 1 repeat, $0.40)
+    for eid, status, cost in (("t1-b", "error", 0.3), ("t1-a", "ok", 0.2)):
+        rows.append(
+            {
+                "event_id": eid,
+                "ts": tie,
+                "tenant": "acme",
+                "app": "bot",
+                "feature": "tie",
+                "prompt_hash": "tie1",
+                "status": status,
+                "input_tokens": 10,
+                "cost_usd": cost,
+            }
+        )
+    for eid, cost in (("t2-b", 0.7), ("t2-a", 0.4)):
+        rows.append(
+            {
+                "event_id": eid,
+                "ts": tie + timedelta(minutes=1),
+                "tenant": "acme",
+                "app": "bot",
+                "feature": "tie",
+                "prompt_hash": "tie2",
+                "input_tokens": 10,
+                "cost_usd": cost,
+            }
+        )
+    return rows
+
+
+def test_first_run_history_equals_one_pass(tmp_path: Path) -> None:
+    """The first run's exact-repeat history (read a day at a time, unordered, sorted here)
+    gives the same hourly rows, prompt keys and findings as one pass over all events in
+    processing order (backfill_hours 0), and so does the next run after more traffic."""
+    rows = history_traffic()
+    later = [
+        {**r, "event_id": f"n{i}", "ts": r["ts"] + timedelta(days=4)}
+        for i, r in enumerate(rows)
+        if r["ts"] >= NOW - timedelta(hours=2)
+    ]
+    hourly = """
+        SELECT hour, tenant, app, feature, deployment, sum(requests), sum(cost_usd),
+               sum(tokens), sum(repeat_requests), sum(repeat_cost_usd), sum(repeat_tokens),
+               sum(repeat_unpriced)
+        FROM caching_response_hourly GROUP BY ALL ORDER BY ALL
+    """
+    options = {"response_ttl_s": 600, "prefix_ttl_s": {}}
+    results = []
+    for backfill in (6, 0):
+        with Store(tmp_path / f"s{backfill}.duckdb") as store:
+            insert(store, rows, NOW)
+            first, analyzer = run(store, {**options, "backfill_hours": backfill})
+            keys = analyzer._caches.prompt_keys.tolist() if analyzer._caches else None
+            table = store.cursor().execute(hourly).fetchall()
+            insert(store, later, NOW + timedelta(seconds=1))
+            second, _ = run(store, {**options, "backfill_hours": backfill}, NOW + timedelta(days=4))
+            results.append((by_kind(first, "caching.response_repeats"), keys, table, second))
+    (one, keys_h, table_h, second_h), (other, keys_1, table_1, second_1) = results
+    assert keys_h == keys_1 and keys_h
+    assert len(table_h) == len(table_1)
+    for got, want in zip(table_h, table_1, strict=True):
+        assert got[:6] == want[:6] and got[7:9] == want[7:9] and got[10:] == want[10:]
+        assert got[6] == pytest.approx(want[6]) and got[9] == pytest.approx(want[9])
+    assert set(one) == set(other) and len(one) >= 4
+    for scope, f in one.items():
+        g = other[scope]
+        for key in ("requests", "repeat_requests", "repeat_unpriced_requests"):
+            assert f.evidence[key] == g.evidence[key], (scope, key)
+        assert f.evidence["repeat_cost_usd"] == pytest.approx(g.evidence["repeat_cost_usd"])
+        assert f.monthly_savings_usd == pytest.approx(g.monthly_savings_usd)
+    tie = one[json.dumps({"app": "bot", "feature": "tie", "tenant": "acme"}, sort_keys=True)]
+    assert tie.evidence["repeat_requests"] == 2
+    assert tie.evidence["repeat_cost_usd"] == pytest.approx(0.3 + 0.7)
+    ttl = one[json.dumps({"app": "bot", "feature": "ttl", "tenant": "acme"}, sort_keys=True)]
+    assert ttl.evidence["repeat_requests"] == 2  # 599 s and 600 s, not 601 s
+    assert {f.id: f.evidence["repeat_requests"] for f in second_h} == {
+        f.id: f.evidence["repeat_requests"] for f in second_1
+    }
+
+
 def test_first_run_backfills_only_recent_events(tmp_path: Path) -> None:
     """backfill_hours 6: the events 10 h old are never simulated; the covered span starts
     at the first one that is; later runs take every new event."""

@@ -26,6 +26,14 @@ HOUR = 3600
 DAY = 86400
 
 
+def utc_floor_us(expr: str, seconds: int) -> str:
+    """SQL: the TIMESTAMPTZ ``expr`` floored to a multiple of ``seconds`` since the epoch,
+    in integer microseconds: the same instants as ``store.utc_floor`` (whatever the
+    connection's TimeZone says, before 1970 too), at about half its cost over many rows."""
+    n = seconds * 1_000_000
+    return f"make_timestamptz(epoch_us({expr}) - ((epoch_us({expr}) % {n}) + {n}) % {n})"
+
+
 def tag(value: Any) -> str:
     """A scope value: the tag, or ``NO_TAG`` for a missing one."""
     return NO_TAG if value is None else str(value)

@@ -140,6 +140,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
+from finopsd.analyzers._rollups import utc_floor_us
 from finopsd.analyzers.base import (
     ActionSpec,
     Analyzer,
@@ -549,6 +550,32 @@ def _process(
     return caches, done, since
 
 
+_HISTORY_ROWS = """
+    SELECT hash(tenant, app, feature, request_model, prompt_hash) AS rk, epoch_us(ts) AS t,
+           status = 'ok' AS ok, rowid AS r
+    FROM usage_events
+    WHERE prompt_hash IS NOT NULL AND ts >= $lo AND ts < $hi
+"""
+"""A history chunk's requests, narrow and in no particular order: key, µs, ok, rowid."""
+_PROCESSING_ORDER = " ORDER BY ts, event_id, rowid"
+
+_HISTORY_HOURLY = f"""
+    INSERT INTO caching_response_hourly ({", ".join(_COLUMNS["caching_response_hourly"])})
+    SELECT {utc_floor_us("e.ts", 3600)} AS hour, tenant, app, feature, deployment,
+           count(*), coalesce(sum(cost_usd) FILTER (WHERE deployment IS NULL), 0),
+           sum(input_tokens + output_tokens), count({{rep}}),
+           coalesce(sum(cost_usd) FILTER (WHERE {{rep}} IS NOT NULL AND deployment IS NULL), 0),
+           coalesce(sum(input_tokens + output_tokens) FILTER (WHERE {{rep}} IS NOT NULL), 0),
+           count(*) FILTER (
+               WHERE {{rep}} IS NOT NULL AND deployment IS NULL AND cost_usd IS NULL)
+    FROM usage_events e {{join}}
+    WHERE prompt_hash IS NOT NULL AND e.ts >= $lo AND e.ts < $hi
+    GROUP BY ALL
+"""
+"""A history chunk's ``caching_response_hourly`` rows: ``{join}`` the repeats' rowids
+(``{rep}`` their column, NULL for a request that is no repeat)."""
+
+
 def _repeat_history(
     con: duckdb.DuckDBPyConnection,
     ttl_s: float,
@@ -560,49 +587,165 @@ def _repeat_history(
     at a time (memory bounded by a day's events), into ``caching_response_hourly`` and the
     prompt keys, before the backfill's own events. Returns the requests counted.
 
+    The same figures as ``_repeats`` on each day's events in processing order (ts,
+    event_id, rowid), cheaper: a day's keys, times and rowids are read unordered and
+    sorted by key and time here (a day with two requests of one key at the same
+    microsecond, whose order only event_id decides, is read in processing order
+    instead); the hourly sums are one aggregate in SQL, the repeats joined by rowid.
     An exact repeat costs one key lookup a request, so all the window's history is
     affordable; only the prefix caches' simulation is limited to ``backfill_hours``.
     """
     counted = 0
+    ttl = round(ttl_s * 1_000_000)
     lo = start
     while lo < end:
         hi = min(datetime.fromtimestamp((lo.timestamp() // 86400 + 1) * 86400, lo.tzinfo), end)
-        table = con.execute(
-            f"""
-            SELECT ts, {_HOUR} AS hour, tenant, app, feature, deployment, status = 'ok' AS ok,
-                   input_tokens, output_tokens, cost_usd,
-                   hash(tenant, app, feature, request_model, prompt_hash) AS rk
-            FROM usage_events
-            WHERE prompt_hash IS NOT NULL AND ts >= $lo AND ts < $hi
-            ORDER BY ts, event_id, rowid
-            """,
-            {"lo": lo, "hi": hi},
-        ).to_arrow_table()
-        if table.num_rows:
-            part = _Pass()
-            _repeats(con, table, ttl_s, caches, part)
-            counted += part.prompt_requests
+        span = {"lo": lo, "hi": hi}
         lo = hi
+        rk, t, ok, rowid = _history_rows(con, _HISTORY_ROWS, span)
+        if not len(rk):
+            continue
+        order = _key_time_order(rk, t)
+        if order is None:  # a tie only event_id orders: read the day in processing order
+            rk, t, ok, rowid = _history_rows(con, _HISTORY_ROWS + _PROCESSING_ORDER, span)
+        repeat = _is_repeat(rk, t, ok, caches, ttl, order)
+        counted += len(rk)
+        if repeat.any():
+            con.register("caching_repeat_rows", pa.table({"r": rowid[repeat]}))
+            join = "LEFT JOIN caching_repeat_rows rep ON e.rowid = rep.r"
+            try:
+                con.execute(_HISTORY_HOURLY.format(join=join, rep="rep.r"), span)
+            finally:
+                con.unregister("caching_repeat_rows")
+        else:
+            con.execute(_HISTORY_HOURLY.format(join="", rep="NULL"), span)
+        _remember(con, rk, t, ok, caches, ttl)
     return counted
 
 
-def _previous_ok(rk: np.ndarray, t: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """Per request (in processing order): the time of the latest earlier ok request with its key.
+def _history_rows(
+    con: duckdb.DuckDBPyConnection, sql: str, span: dict[str, datetime]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``_HISTORY_ROWS`` of ``span`` as numpy arrays: key, µs, ok, rowid."""
+    day = con.execute(sql, span).to_arrow_table()
+    return (
+        day.column("rk").to_numpy().astype(np.uint64, copy=False),
+        day.column("t").to_numpy().astype(np.int64, copy=False),
+        day.column("ok").to_numpy(zero_copy_only=False).astype(bool, copy=False),
+        day.column("r").to_numpy().astype(np.int64, copy=False),
+    )
 
-    ``NO_TIME`` where there is none. Within a batch, time never decreases, so the
-    latest earlier ok request is also the one with the largest time.
+
+def _key_time_order(rk: np.ndarray, t: np.ndarray) -> np.ndarray | None:
+    """An order of the requests by key and, within a key, by time; None when two requests
+    of one key have the same time (then only their event_id would order them)."""
+    order = np.argsort(rk)  # not stable: the keys that occur more than once are re-sorted
+    rks = rk[order]
+    same = rks[1:] == rks[:-1]
+    repeated = np.zeros(len(rks), bool)
+    repeated[1:] |= same
+    repeated[:-1] |= same
+    at = np.flatnonzero(repeated)  # whole runs of equal keys, in key order
+    if len(at):
+        sub = order[at]
+        sub = sub[np.lexsort((t[sub], rk[sub]))]
+        if ((rk[sub][1:] == rk[sub][:-1]) & (t[sub][1:] == t[sub][:-1])).any():
+            return None
+        order[at] = sub
+    return order
+
+
+def _is_repeat(
+    rk: np.ndarray,
+    t: np.ndarray,
+    ok: np.ndarray,
+    caches: _Caches,
+    ttl: int,
+    order: np.ndarray | None = None,
+) -> np.ndarray:
+    """Which requests are repeats: their key had a good answer at most ``ttl`` µs before,
+    earlier in this batch or stored from an earlier one (unless, late data, that answer
+    is later than the request).
+
+    ``order`` sorts the requests by key and, within a key, in processing order; by
+    default they are given in processing order (a stable sort by key is then that
+    order). Within a batch, time never decreases, so the latest earlier good answer is
+    also the one with the largest time.
     """
-    order = np.argsort(rk, kind="stable")
+    if order is None:
+        order = np.argsort(rk, kind="stable")
     rks = rk[order]
     new_key = np.ones(len(rks), bool)
     new_key[1:] = rks[1:] != rks[:-1]
-    key_start = np.flatnonzero(new_key)[np.cumsum(new_key) - 1]
-    last_ok = np.maximum.accumulate(np.where(ok[order], np.arange(len(rks)), -1))
+    starts = np.flatnonzero(new_key)
+    lengths = np.diff(np.append(starts, len(rks)))
+    # only a key seen more than once in the batch, or stored, can have an earlier answer
+    candidate = lengths > 1
+    state_k, state_t = caches.prompt_keys, caches.prompt_times
+    stored = np.full(len(starts), NO_TIME)
+    if len(state_k):  # the stored answer of each of the batch's keys (the state is sorted)
+        keys = rks[starts]
+        at = np.searchsorted(keys, state_k)
+        found = at < len(keys)
+        found[found] = keys[at[found]] == state_k[found]
+        stored[at[found]] = state_t[found]
+        candidate[at[found]] = True
+    out = np.zeros(len(rk), bool)
+    if not candidate.any():
+        return out
+    rows = np.repeat(candidate, lengths)  # the candidate keys' requests, in sorted order
+    sub = order[rows]
+    run = np.repeat(np.arange(int(candidate.sum())), lengths[candidate])  # their key
+    first = np.flatnonzero(np.concatenate([[True], run[1:] != run[:-1]]))[run]
+    ts = t[sub]
+    last_ok = np.maximum.accumulate(np.where(ok[sub], np.arange(len(sub)), -1))
     before = np.concatenate([[-1], last_ok[:-1]])
-    prev = np.where(before >= key_start, t[order][np.maximum(before, 0)], NO_TIME)
-    out = np.empty_like(prev)
-    out[order] = prev
+    prev = np.where(before >= first, ts[np.maximum(before, 0)], NO_TIME)
+    stored_t = stored[candidate][run]
+    prev = np.maximum(prev, np.where(stored_t <= ts, stored_t, NO_TIME))
+    out[sub] = (prev != NO_TIME) & (ts - prev <= ttl)
     return out
+
+
+def _remember(
+    con: duckdb.DuckDBPyConnection,
+    rk: np.ndarray,
+    t: np.ndarray,
+    ok: np.ndarray,
+    caches: _Caches,
+    ttl: int,
+) -> None:
+    """Fold a batch's good answers into the prompt keys and ``caching_prompts``: per key
+    the latest good answer, only keys that can still be hit (answered at most ``ttl`` µs
+    before the latest request seen)."""
+    state_k, state_t = caches.prompt_keys, caches.prompt_times
+    horizon = max(int(t.max()), int(state_t.max()) if len(state_t) else 0) - ttl
+    fresh = ok & (t >= horizon)  # an older answer is dropped whatever else the key has
+    keys = np.concatenate([state_k, rk[fresh]])
+    times = np.concatenate([state_t, t[fresh]])
+    order = np.lexsort((times, keys))
+    keys, times = keys[order], times[order]
+    last = np.ones(len(keys), bool)
+    last[:-1] = keys[1:] != keys[:-1]
+    keep = last & (times >= horizon)
+    caches.prompt_keys, caches.prompt_times = keys[keep], times[keep]
+    # the table: append the keys whose latest answer is in this batch (a key's latest
+    # row wins when loaded); drop what can no longer be hit once that is most of it
+    answered = keep & (order >= len(state_k))
+    stamp = pa.timestamp("us", tz="UTC")
+    _insert(
+        con,
+        "caching_prompts",
+        pa.table({"k": keys[answered], "last_ok": pa.array(times[answered], stamp)}),
+    )
+    caches.prompt_rows += int(answered.sum())
+    if caches.prompt_rows > 2 * len(caches.prompt_keys) + 10_000:
+        con.execute(
+            "DELETE FROM caching_prompts WHERE last_ok < $h",
+            {"h": pa.scalar(horizon, stamp).as_py()},
+        )
+        row = con.execute("SELECT count(*) FROM caching_prompts").fetchone()
+        caches.prompt_rows = int(row[0]) if row else 0
 
 
 def _repeats(
@@ -617,16 +760,8 @@ def _repeats(
     rk = pc.fill_null(table.column("rk"), 0).to_numpy()[rows].astype(np.uint64)
     t = pc.cast(table.column("ts"), pa.int64()).to_numpy()[rows]
     ok = table.column("ok").to_numpy(zero_copy_only=False)[rows].astype(bool)
-    state_k, state_t = caches.prompt_keys, caches.prompt_times
-    # the latest good answer before each request: earlier in this batch, or the
-    # stored one from an earlier run (unless, late data, it is later than the request)
-    prev = _previous_ok(rk, t, ok)
-    if len(state_k):
-        at = np.minimum(np.searchsorted(state_k, rk), len(state_k) - 1)
-        stored_t = np.where(state_k[at] == rk, state_t[at], NO_TIME)
-        prev = np.maximum(prev, np.where(stored_t <= t, stored_t, NO_TIME))
     ttl = round(ttl_s * 1_000_000)
-    repeat = (prev != NO_TIME) & (t - prev <= ttl)
+    repeat = _is_repeat(rk, t, ok, caches, ttl)
 
     df = pl.from_arrow(
         table.select(["hour", "tenant", "app", "feature", "deployment", "cost_usd"]).take(rows)
@@ -652,33 +787,7 @@ def _repeats(
         (repeat_ & api & cost.is_null()).sum().alias("repeat_unpriced"),
     )
     _insert(con, "caching_response_hourly", hourly)
-    # keep, per key, the latest good answer, and only keys that can still be hit
-    keys = np.concatenate([state_k, rk[ok]])
-    times = np.concatenate([state_t, t[ok]])
-    horizon = max(int(t.max()), int(state_t.max()) if len(state_t) else 0) - ttl
-    order = np.lexsort((times, keys))
-    keys, times = keys[order], times[order]
-    last = np.ones(len(keys), bool)
-    last[:-1] = keys[1:] != keys[:-1]
-    keep = last & (times >= horizon)
-    caches.prompt_keys, caches.prompt_times = keys[keep], times[keep]
-    # the table: append the keys whose latest answer is in this batch (a key's latest
-    # row wins when loaded); drop what can no longer be hit once that is most of it
-    answered = keep & (order >= len(state_k))
-    stamp = pa.timestamp("us", tz="UTC")
-    _insert(
-        con,
-        "caching_prompts",
-        pa.table({"k": keys[answered], "last_ok": pa.array(times[answered], stamp)}),
-    )
-    caches.prompt_rows += int(answered.sum())
-    if caches.prompt_rows > 2 * len(caches.prompt_keys) + 10_000:
-        con.execute(
-            "DELETE FROM caching_prompts WHERE last_ok < $h",
-            {"h": pa.scalar(horizon, stamp).as_py()},
-        )
-        row = con.execute("SELECT count(*) FROM caching_prompts").fetchone()
-        caches.prompt_rows = int(row[0]) if row else 0
+    _remember(con, rk, t, ok, caches, ttl)
 
 
 def _prefixes(
