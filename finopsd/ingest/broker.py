@@ -74,16 +74,23 @@ def _holds_listener(pid: int, port: int) -> bool | None:
     """Whether process ``pid`` holds a socket listening on TCP ``port``, from /proc (Linux);
     None where /proc cannot tell."""
     inodes = set()
+    tables = 0
     try:
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        # /proc/self/net, not /proc/net: the symlink is hidden where /proc is mounted with
+        # subset=pid (systemd's ProcSubset=pid, as in deploy/finopsd.service)
+        for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
             with contextlib.suppress(FileNotFoundError):
-                for line in Path(table).read_text().splitlines()[1:]:
+                text = Path(table).read_text()
+                tables += 1
+                for line in text.splitlines()[1:]:
                     fields = line.split()
                     local, state, inode = fields[1], fields[3], fields[9]
                     if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
                         inodes.add(f"socket:[{inode}]")
         fds = list(Path(f"/proc/{pid}/fd").iterdir())
     except (OSError, IndexError, ValueError):
+        return None
+    if not tables:
         return None
     for fd in fds:
         with contextlib.suppress(OSError):
