@@ -501,3 +501,38 @@ def test_daemon_runs_the_analyzers_on_schedule(
     assert set(runs) == set(names) and min(runs.values()) >= rounds + 2, runs
     assert failed == []
     assert spent == (50,)
+
+
+def test_an_absent_pandas_is_answered_without_a_search() -> None:
+    """Where pandas is not installed, importing finopsd's analyzers puts a finder first on
+    sys.meta_path that refuses it at once; pandas stays absent for everyone else, and
+    DuckDB's Arrow and numpy results, pyarrow and polars work as before."""
+    code = """
+import importlib.util, sys
+absent = importlib.util.find_spec("pandas") is None
+import duckdb, polars as pl, pyarrow as pa
+import finopsd.analyzers.base as base
+finders = [f for f in sys.meta_path if isinstance(f, base._AbsentModule)]
+assert len(finders) == (1 if absent else 0), finders
+base._skip_absent("pandas")  # once per process
+assert len([f for f in sys.meta_path if isinstance(f, base._AbsentModule)]) == len(finders)
+if absent:
+    try:
+        import pandas  # noqa: F401
+    except ModuleNotFoundError as exc:
+        assert exc.name == "pandas"
+    else:
+        raise AssertionError("pandas imported")
+    assert "pandas" not in sys.modules
+con = duckdb.connect()
+assert con.execute("SELECT ? + 1 AS a", [41]).fetchone() == (42,)
+assert con.execute("SELECT 1 AS a").to_arrow_table().column("a").to_pylist() == [1]
+assert con.execute("SELECT 2 AS a").fetchnumpy()["a"].tolist() == [2]
+assert pl.from_arrow(pa.table({"a": [3]})).to_dicts() == [{"a": 3}]
+print("ok")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
