@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 from pydantic import ValidationError
 
 from finopsd.analyzers.base import (
@@ -169,54 +170,80 @@ def _record(
     if run.error is not None:
         return  # a failed run says nothing about whether earlier findings still hold
     unique = {f.id: f for f in run.findings}  # one row per id, the last one found wins
-    for f in unique.values():
-        evidence = {**f.evidence, "window": window.as_dict()}
-        con.execute(
-            """
-            INSERT INTO findings (
-                id, analyzer, kind, scope, title, evidence, window_start, window_end,
-                monthly_savings_usd, savings_method, confidence, risk, action,
-                first_seen, last_seen, times_seen, status,
-                monthly_savings_low_usd, monthly_savings_high_usd,
-                evidence_hours, evidence_requests, provisional
-            ) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1, 'open', ?, ?, ?, ?, ?)
-            ON CONFLICT (id) DO UPDATE SET
-                title = excluded.title, evidence = excluded.evidence,
-                window_start = excluded.window_start, window_end = excluded.window_end,
-                monthly_savings_usd = excluded.monthly_savings_usd,
-                savings_method = excluded.savings_method, confidence = excluded.confidence,
-                risk = excluded.risk, action = excluded.action,
-                last_seen = excluded.last_seen, times_seen = findings.times_seen + 1,
-                status = 'open',
-                monthly_savings_low_usd = excluded.monthly_savings_low_usd,
-                monthly_savings_high_usd = excluded.monthly_savings_high_usd,
-                evidence_hours = excluded.evidence_hours,
-                evidence_requests = excluded.evidence_requests,
-                provisional = excluded.provisional
-            """,
-            [
-                f.id,
-                run.name,
-                f.kind,
-                json.dumps(f.scope, sort_keys=True),
-                f.title,
-                json.dumps(evidence, sort_keys=True, default=str),
-                window.start,
-                window.end,
-                float(f.monthly_savings_usd),
-                f.savings_method,
-                float(f.confidence),
-                f.risk,
-                json.dumps(f.action.as_dict()) if f.action else None,
-                now,
-                now,
-                float(f.monthly_savings_low_usd or 0.0),
-                float(f.monthly_savings_high_usd or 0.0),
-                float(f.evidence_hours),
-                int(f.evidence_requests),
-                bool(f.provisional),
-            ],
+    if unique:
+        found = list(unique.values())
+        rows = pa.table(
+            {
+                "id": [f.id for f in found],
+                "kind": [f.kind for f in found],
+                "scope": [json.dumps(f.scope, sort_keys=True) for f in found],
+                "title": [f.title for f in found],
+                "evidence": [
+                    json.dumps(
+                        {**f.evidence, "window": window.as_dict()}, sort_keys=True, default=str
+                    )
+                    for f in found
+                ],
+                "monthly_savings_usd": pa.array(
+                    [float(f.monthly_savings_usd) for f in found], pa.float64()
+                ),
+                "savings_method": [f.savings_method for f in found],
+                "confidence": pa.array([float(f.confidence) for f in found], pa.float64()),
+                "risk": [f.risk for f in found],
+                "action": pa.array(
+                    [json.dumps(f.action.as_dict()) if f.action else None for f in found],
+                    pa.string(),
+                ),
+                "low": pa.array(
+                    [float(f.monthly_savings_low_usd or 0.0) for f in found], pa.float64()
+                ),
+                "high": pa.array(
+                    [float(f.monthly_savings_high_usd or 0.0) for f in found], pa.float64()
+                ),
+                "hours": pa.array([float(f.evidence_hours) for f in found], pa.float64()),
+                "requests": pa.array([int(f.evidence_requests) for f in found], pa.int64()),
+                "provisional": pa.array([bool(f.provisional) for f in found], pa.bool_()),
+            }
         )
+        con.register("findings_found", rows)
+        try:  # one statement for all of them (a query each cost ~0.4 ms)
+            con.execute(
+                """
+                INSERT INTO findings (
+                    id, analyzer, kind, scope, title, evidence, window_start, window_end,
+                    monthly_savings_usd, savings_method, confidence, risk, action,
+                    first_seen, last_seen, times_seen, status,
+                    monthly_savings_low_usd, monthly_savings_high_usd,
+                    evidence_hours, evidence_requests, provisional
+                )
+                SELECT id, $analyzer, kind, scope, title, evidence, $start, $end,
+                       monthly_savings_usd, savings_method, confidence, risk, action,
+                       $now, $now, 1, 'open', low, high, hours, requests, provisional
+                FROM findings_found
+                ON CONFLICT (id) DO UPDATE SET
+                    title = excluded.title, evidence = excluded.evidence,
+                    window_start = excluded.window_start, window_end = excluded.window_end,
+                    monthly_savings_usd = excluded.monthly_savings_usd,
+                    savings_method = excluded.savings_method,
+                    confidence = excluded.confidence,
+                    risk = excluded.risk, action = excluded.action,
+                    last_seen = excluded.last_seen, times_seen = findings.times_seen + 1,
+                    status = 'open',
+                    monthly_savings_low_usd = excluded.monthly_savings_low_usd,
+                    monthly_savings_high_usd = excluded.monthly_savings_high_usd,
+                    evidence_hours = excluded.evidence_hours,
+                    evidence_requests = excluded.evidence_requests,
+                    provisional = excluded.provisional
+                """,
+                {
+                    "analyzer": run.name,
+                    "start": window.start,
+                    "end": window.end,
+                    "now": now,
+                },
+            )
+        finally:
+            con.unregister("findings_found")
     seen = [f.id for f in run.findings]
     con.execute(
         "UPDATE findings SET status = 'resolved' WHERE analyzer = ? AND status = 'open' "
