@@ -7,6 +7,7 @@ Errors are one or a few lines on stderr, never a traceback (``--debug`` shows it
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import itertools
 import json
 import logging
@@ -70,6 +71,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     setup_logging(settings, args.debug)
+    # systemd's watchdog kills with SIGABRT: every thread's stack then goes to stderr
+    faulthandler.enable()
     daemon = Daemon(settings)
     daemon.install_signal_handlers()
     try:

@@ -47,6 +47,8 @@ LIVENESS_POLL_S = 120.0
 """/healthz fails once the consumer loop has not polled for this long (a wedged loop)."""
 WEDGED_S = 60.0
 """/healthz fails (and the watchdog stops) once an ingest thread is stuck this long."""
+WRITE_LOCK_MAX_S = 1800.0
+"""The store thread waiting this long for a write lock another thread holds is stuck too."""
 
 MMAP_THRESHOLD = 256 << 10
 """Allocations from the C library's malloc at least this large get pages of their own,
@@ -373,13 +375,13 @@ class Daemon:
         alive = worker is not None and worker.alive()
         checks.append(Check("ingest-threads", alive, "" if alive else "decode/store thread ended"))
         stuck = worker.wedged(WEDGED_S) if worker is not None else None
-        checks.append(
-            Check(
-                "ingest-progress",
-                stuck is None,
-                "" if stuck is None else f"the {stuck} thread is stuck (over {WEDGED_S:g} s)",
-            )
-        )
+        detail = "" if stuck is None else f"the {stuck} thread is stuck (over {WEDGED_S:g} s)"
+        held = worker.store.writer() if worker is not None and stuck == "store" else None
+        if held is not None and held[0] != "ingest-store" and held[1] < WRITE_LOCK_MAX_S:
+            # the store thread waits for the write lock: an analyzer's long transaction
+            detail = f"waiting for the store's write lock ({held[0]}, {held[1]:.0f} s)"
+            stuck = None
+        checks.append(Check("ingest-progress", stuck is None, detail))
         ingestor = self._ingestor
         last = ingestor.last_poll_at if ingestor is not None else None
         if last is None or (worker is not None and worker.backpressured):

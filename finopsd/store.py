@@ -15,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -678,6 +679,7 @@ class Store:
         except duckdb.Error as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
         self._write_lock = threading.Lock()
+        self._writer: tuple[str, float] | None = None  # holder's thread name, since
         self._needs_reopen = False
         if not read_only:
             self.migrate()
@@ -736,12 +738,27 @@ class Store:
 
     # -- writes -------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Hold the write lock, recording which thread holds it since when."""
+        with self._write_lock:
+            self._writer = (threading.current_thread().name, time.monotonic())
+            try:
+                yield
+            finally:
+                self._writer = None
+
+    def writer(self) -> tuple[str, float] | None:
+        """The thread that holds the write lock and for how many seconds; None: free."""
+        held = self._writer
+        return None if held is None else (held[0], time.monotonic() - held[1])
+
     def append(self, batch: StoreBatch) -> AppendResult:
         """Write the batch's rows, dead letters and offsets atomically."""
         inserted: dict[str, int] = {}
         duplicates: dict[str, int] = {}
         now = datetime.now(UTC)
-        with self._write_lock:
+        with self._writing():
             con = self._con.cursor()
             con.execute("BEGIN")
             try:
@@ -790,7 +807,7 @@ class Store:
         replayed: what was committed stays); raises ``StoreUnavailable`` while
         that still fails. A no-op otherwise.
         """
-        with self._write_lock:
+        with self._writing():
             if not self._needs_reopen:
                 return
             with contextlib.suppress(duckdb.Error):
@@ -828,7 +845,7 @@ class Store:
 
     def write(self, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
         """Run ``work(connection)`` in one transaction, serialised with ``append``."""
-        with self._write_lock:
+        with self._writing():
             con = self._con.cursor()
             con.execute("BEGIN")
             try:

@@ -1,5 +1,6 @@
 """The daemon under systemd: READY=1, WATCHDOG=1, STATUS= and STOPPING=1 on a real
-NOTIFY_SOCKET datagram socket, and no pings while an ingest thread is stuck.
+NOTIFY_SOCKET datagram socket, pings while the store thread waits for an analyzer's
+write lock, and none while an ingest thread is stuck.
 
 The daemon runs in this process (in a thread) against the session's embedded broker,
 so that the test can wedge its store thread: ``_store`` is made to wait on an event,
@@ -90,9 +91,33 @@ def test_notify_ready_watchdog_stopping_and_no_pings_while_wedged(
         url = json.loads(setup.store.with_name(setup.store.name + ".api").read_text())["url"]
         assert httpx.get(f"{url}/healthz").status_code == 200
 
-        # wedge the store thread: it takes the next batch and never comes back
         worker = daemon._worker
         assert worker is not None
+        load = UsageLoad(seed=3, start=datetime.now(UTC))
+        events = iter(load)
+
+        # an analyzer's long transaction holds the write lock: the store thread waits for
+        # it, which is not being stuck
+        release = threading.Event()
+
+        def long_transaction() -> None:
+            with worker.store._writing():
+                release.wait()
+
+        holder = threading.Thread(target=long_transaction, name="analyzers", daemon=True)
+        holder.start()
+        produce_messages(topics.bootstrap, topics.usage, itertools.islice(events, 20))
+        waiting = time.monotonic()
+        time.sleep(5.0)  # beyond WEDGED_S
+        health = httpx.get(f"{url}/healthz")
+        assert health.status_code == 200, health.text
+        (progress,) = [c for c in health.json()["checks"] if c["name"] == "ingest-progress"]
+        assert "write lock (analyzers" in progress["detail"]
+        assert "WATCHDOG=1" in notify.since(waiting)
+        release.set()
+        holder.join()
+
+        # wedge the store thread: it takes the next batch and never comes back
         gate = threading.Event()
         store_batch = worker._store
 
@@ -101,8 +126,7 @@ def test_notify_ready_watchdog_stopping_and_no_pings_while_wedged(
             store_batch(batch)
 
         monkeypatch.setattr(worker, "_store", wedged)
-        load = UsageLoad(seed=3, start=datetime.now(UTC))
-        produce_messages(topics.bootstrap, topics.usage, itertools.islice(iter(load), 50))
+        produce_messages(topics.bootstrap, topics.usage, itertools.islice(events, 50))
         health = wait_for(
             lambda: (r := httpx.get(f"{url}/healthz")).status_code == 503 and r,
             timeout=30,
