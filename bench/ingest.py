@@ -13,7 +13,13 @@ the final batch stored and committed). Prints each rate, each pair's ratio
 b/a, and the median ratio last. The machine's speed drifts run to run, which
 is why the anchor is measured in the same run, alternating.
 
-    python bench/ingest.py [--events N] [--rounds R] [--partitions P]
+With ``--api-load`` each round also runs (c): (b) with the daemon's HTTP API
+served from the ingesting process over the same store (``ApiServer``, as the
+daemon serves it) while a second process polls ``/v1/stats``, ``/v1/findings``
+and ``/metrics`` in turn, one request every ``--api-interval`` seconds; it prints
+c/a beside b/a, and the requests served with their latency.
+
+    python bench/ingest.py [--events N] [--rounds R] [--partitions P] [--api-load]
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 from rss import RssSampler
@@ -141,7 +148,67 @@ def raw_consume(bootstrap: str, events: int, partitions: int, settings: Settings
     return elapsed
 
 
-def finopsd_ingest(bootstrap: str, events: int, settings: Settings, round_no: int) -> float:
+API_PATHS = ("/v1/stats", "/v1/findings", "/metrics")
+
+
+def _poll_api(url: str, token: str, interval: float, stop: Any, out: Any) -> None:
+    """The second process of (c): GET the API's paths in turn until ``stop`` is set;
+    puts (requests, errors, latencies in ms) on ``out``."""
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as client:
+        for path in itertools.cycle(API_PATHS):
+            if stop.is_set():
+                break
+            began = time.perf_counter()
+            try:
+                ok = client.get(path, timeout=60).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            latencies.append((time.perf_counter() - began) * 1000)
+            errors += not ok
+            stop.wait(interval)
+    out.put((len(latencies), errors, latencies))
+
+
+def _serve_api(store: Any, settings: Settings, worker: IngestWorker, lag: Any) -> tuple:
+    """The daemon's API over ``store`` in this process; (server, token)."""
+    import secrets
+
+    from finopsd.api.app import create_app
+    from finopsd.api.server import ApiServer
+    from finopsd.api.state import ServiceState
+
+    def no_analysis(only: Any, window_days: Any) -> list:
+        raise ValueError("not in this benchmark")
+
+    state = ServiceState(
+        store=store,
+        settings=settings,
+        prices=worker.prices,
+        stats=worker.stats,
+        liveness=list,
+        readiness=list,
+        lag=lag,
+        analyze=no_analysis,
+    )
+    token = secrets.token_urlsafe(32)
+    server = ApiServer(create_app(state, token), "127.0.0.1", 0)
+    server.start()
+    return server, token
+
+
+def finopsd_ingest(
+    bootstrap: str,
+    events: int,
+    settings: Settings,
+    round_no: int,
+    *,
+    api_interval: float | None = None,
+) -> float:
+    """(b), or (c) with ``api_interval``: the API served and polled meanwhile."""
     config = consumer_config(settings, bootstrap)
     config.update(group_id=f"bench-{round_no}-{time.time_ns()}")
     with (
@@ -180,7 +247,26 @@ def finopsd_ingest(bootstrap: str, events: int, settings: Settings, round_no: in
             max_poll_records=config["max_poll_records"],
             on_poll=on_poll,
         )
+        poller = None
+        if api_interval is not None:
+            server, token = _serve_api(store, settings, worker, ingestor.lag)
+            ctx = mp.get_context("spawn")
+            stop_polling, results = ctx.Event(), ctx.Queue()
+            poller = ctx.Process(
+                target=_poll_api, args=(server.url, token, api_interval, stop_polling, results)
+            )
+            poller.start()
         ingestor.run()
+        if poller is not None:
+            stop_polling.set()
+            served, failed, latencies = results.get(timeout=120)
+            poller.join(60)
+            server.stop()
+            q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else [0.0] * 19
+            print(
+                f"  API: {served} requests ({failed} failed) while ingesting; latency "
+                f"p50 {statistics.median(latencies):.1f} ms, p95 {q[18]:.1f} ms"
+            )
         elapsed = time.perf_counter() - started[0]
         cpu = (time.process_time() - started[1]) / events * 1e6
         print(f"  finopsd ingest cpu/event {cpu:.1f} us (all threads)")
@@ -202,6 +288,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--producers", type=int, default=2)
+    parser.add_argument(
+        "--api-load", action="store_true", help="also (c): ingest while the API is polled"
+    )
+    parser.add_argument(
+        "--api-interval", type=float, default=0.1, help="seconds between API requests in (c)"
+    )
     args = parser.parse_args()
 
     settings = load_settings(
@@ -221,7 +313,7 @@ def main() -> int:
             f"produced {args.events:,} events to {args.partitions} partitions in {took:.1f}s",
             flush=True,
         )
-        ratios = []
+        ratios, loaded = [], []
         for r in range(1, args.rounds + 1):
             broker_cpu = process_cpu(broker.pid)
             with RSS.phase("(a) kafka-python"):
@@ -241,10 +333,24 @@ def main() -> int:
                 f"(b) finopsd ingest {rb:>9,.0f} ev/s   b/a {rb / ra:.3f}",
                 flush=True,
             )
+            if args.api_load:
+                with RSS.phase("(c) finopsd ingest, API polled"):
+                    c = finopsd_ingest(
+                        broker.bootstrap, args.events, settings, r, api_interval=args.api_interval
+                    )
+                rc = args.events / c
+                loaded.append(rc / ra)
+                print(
+                    f"round {r}: (c) finopsd ingest with the API polled {rc:>9,.0f} ev/s   "
+                    f"c/a {rc / ra:.3f}",
+                    flush=True,
+                )
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak_mib:,.0f} MiB (whole benchmark, producers aside)")
     print(RSS.report())
     print(f"median ratio b/a: {statistics.median(ratios):.3f}")
+    if loaded:
+        print(f"median ratio c/a (API polled): {statistics.median(loaded):.3f}")
     return 0
 
 
