@@ -153,9 +153,14 @@ class Batch(Analyzer):
             {"start": ctx.window.start, "end": ctx.window.end},
         ).fetchall()
         today = ctx.now.astimezone(UTC).date()
+        prices: dict[tuple[str | None, str, str | None], Any] = {}  # one lookup per model
         merged: dict[tuple[str, ...], dict[str, Any]] = {}
         for tenant, app, feature, provider, model, deployment, h, requests, cost, unpriced in rows:
-            price = price_now(ctx.prices, provider, model, deployment, today)
+            if (provider, model, deployment) not in prices:
+                prices[(provider, model, deployment)] = price_now(
+                    ctx.prices, provider, model, deployment, today
+                )
+            price = prices[(provider, model, deployment)]
             if price is None or price.batch_discount <= 0:
                 continue
             key = (tag(tenant), tag(app), tag(feature), tag(provider), model)
