@@ -1065,36 +1065,53 @@ class Caching(Analyzer):
             WITH r AS (SELECT * FROM caching_response_hourly WHERE {_COVERED_HOURS}),
             {_RATE}
             SELECT tenant, app, feature, epoch(r.hour)::BIGINT // 3600 AS h,
-                   sum(requests), sum(repeat_requests),
+                   sum(requests)::BIGINT AS requests, sum(repeat_requests)::BIGINT AS repeats,
                    sum(CASE WHEN r.deployment IS NULL THEN r.cost_usd
-                            ELSE r.tokens * rate.usd_per_token END),
+                            ELSE r.tokens * rate.usd_per_token END) AS cost,
                    sum(CASE WHEN r.deployment IS NULL THEN r.repeat_cost_usd
-                            ELSE r.repeat_tokens * rate.usd_per_token END),
+                            ELSE r.repeat_tokens * rate.usd_per_token END) AS repeat_cost,
                    sum(CASE WHEN r.deployment IS NULL THEN r.repeat_unpriced
                             WHEN rate.usd_per_token IS NULL THEN r.repeat_requests
-                            ELSE 0 END)
+                            ELSE 0 END)::BIGINT AS unpriced
             FROM r LEFT JOIN rate ON r.deployment = rate.deployment AND r.hour = rate.hour
             GROUP BY ALL
             ORDER BY ALL
             """,
             {"lo": covered.start, "hi": covered.end},
-        ).fetchall()
-        scopes: dict[tuple[Any, ...], dict[str, Any]] = {}
-        for tenant, app, feature, h, *sums in rows:
-            acc = scopes.setdefault((tenant, app, feature), {"sums": [0, 0, 0.0, 0.0, 0], "by": {}})
-            acc["sums"] = [a + (v or 0) for a, v in zip(acc["sums"], sums, strict=True)]
-            acc["by"][int(h)] = float(sums[3] or 0.0)
+        ).to_arrow_table()
+        # per scope (consecutive rows: ordered by scope, then hour), its sums in hour order
+        # (a cost without a rate counts 0) and its repeats' cost per hour
+        keys = list(
+            zip(*(rows.column(c).to_pylist() for c in ("tenant", "app", "feature")), strict=True)
+        )
+        bounds = [i for i in range(len(keys)) if i == 0 or keys[i] != keys[i - 1]]
+        hours = rows.column("h").to_numpy()
+        columns = {
+            c: pc.fill_null(rows.column(c), 0).to_numpy()
+            for c in ("requests", "repeats", "cost", "repeat_cost", "unpriced")
+        }
         out = []
-        for (tenant, app, feature), acc in scopes.items():
-            requests, repeats, cost, repeat_cost, unpriced = acc["sums"]
-            repeat_cost = float(repeat_cost)
-            projection = _project(ctx, acc["by"], covered, events)
+        for lo, hi in zip(bounds, [*bounds[1:], len(keys)][: len(bounds)], strict=True):
+            tenant, app, feature = keys[lo]
+            requests, repeats, unpriced = (
+                int(columns[c][lo:hi].sum()) for c in ("requests", "repeats", "unpriced")
+            )
+            if requests < opts.min_requests:
+                continue
+            # float sums added up hour by hour (cumsum is sequential), as they always were
+            cost, repeat_cost = (
+                float(np.cumsum(columns[c][lo:hi])[-1]) for c in ("cost", "repeat_cost")
+            )
+            by_hour = dict(
+                zip(hours[lo:hi].tolist(), columns["repeat_cost"][lo:hi].tolist(), strict=True)
+            )
+            projection = _project(ctx, by_hour, covered, events)
             saving = projection.monthly_usd
-            if requests < opts.min_requests or not _worth(saving, opts):
+            if not _worth(saving, opts):
                 continue
             scope = {"tenant": tenant or NONE, "app": app or NONE, "feature": feature or NONE}
             ratio = _ratio(repeats, requests)
-            first = datetime.fromtimestamp(min(acc["by"]) * 3600, UTC)
+            first = datetime.fromtimestamp(min(by_hour) * 3600, UTC)
             out.append(
                 self.finding(
                     ctx,
