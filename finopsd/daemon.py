@@ -17,11 +17,12 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 from kafka import KafkaConsumer, KafkaProducer
 
+from finopsd.api.server import ApiServer, ApiServerError
 from finopsd.client import clear_address, read_token, write_address
 from finopsd.config import Settings
 from finopsd.events import GpuSample, UsageEvent
@@ -30,12 +31,10 @@ from finopsd.ingest.decode import BatchDecoder, TimeWindow
 from finopsd.ingest.formats import NATIVE, make_decoder
 from finopsd.ingest.pipeline import DeadLetterSink, Ingestor, IngestStats, IngestWorker, Route
 from finopsd.pricing import PriceBook, settle_self_hosted
+from finopsd.service.ingest import IngestService
 from finopsd.service.notify import Notifier, Watchdog
+from finopsd.service.supervisor import Check, Supervisor
 from finopsd.store import Store
-
-if TYPE_CHECKING:
-    from finopsd.api.server import ApiServer
-    from finopsd.api.state import Check
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +42,6 @@ SUPERVISE_S = 1.0
 """How often the main thread checks health and feeds the watchdog."""
 STATUS_EVERY_S = 10.0
 """How often ``STATUS=`` may change."""
-LIVENESS_POLL_S = 120.0
-"""/healthz fails once the consumer loop has not polled for this long (a wedged loop)."""
-WEDGED_S = 60.0
-"""/healthz fails (and the watchdog stops) once an ingest thread is stuck this long."""
-WRITE_LOCK_MAX_S = 1800.0
-"""The store thread waiting this long for a write lock another thread holds is stuck too."""
 
 MMAP_THRESHOLD = 256 << 10
 """Allocations from the C library's malloc at least this large get pages of their own,
@@ -126,17 +119,27 @@ class SelfHostedSettler(threading.Thread):
 
     Runs only when deployments are configured; once more at stop, so a clean
     shutdown leaves every completed hour priced. A failure is logged and
-    retried at the next interval; ingest goes on.
+    retried at the next interval; ingest goes on. A ``Service``.
     """
 
-    def __init__(
-        self, store: Store, prices: PriceBook, settings: Any, stop: threading.Event
-    ) -> None:
+    def __init__(self, store: Store, prices: PriceBook, settings: Any) -> None:
         super().__init__(name="settle-self-hosted", daemon=True)
         self.store = store
         self.deployments = list(prices.deployments.values())
         self.interval_s = settings.settle_interval_s
-        self._stop_event = stop
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        """Settle once more and return."""
+        self._stop_event.set()
+        if self.is_alive():
+            self.join()
+
+    def health(self) -> list[Check]:
+        if not self.deployments:
+            return []
+        alive = self.is_alive()
+        return [Check("self-hosted-pricing", alive, "" if alive else "its thread ended")]
 
     def settle(self) -> int:
         until = datetime.now(UTC)
@@ -162,8 +165,10 @@ class AnalyzerScheduler:
     The first runs start ``analyzers.first_run_delay_s`` after the daemon; a failing run
     is logged and the next one goes ahead; ingest is never held up by analysis.
     ``run_now`` (the API's ``POST /v1/analyze``) runs the same instances at once, one
-    at a time with the scheduled runs.
+    at a time with the scheduled runs. A ``Service``.
     """
+
+    name = "analyzers"
 
     def __init__(self, store: Store, prices: PriceBook, settings: Settings) -> None:
         from apscheduler.events import EVENT_JOB_ERROR
@@ -247,7 +252,12 @@ class AnalyzerScheduler:
         self.scheduler.start()
 
     def stop(self) -> None:
-        self.scheduler.shutdown(wait=True)
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=True)
+
+    def health(self) -> list[Check]:
+        running = bool(self.scheduler.running)
+        return [Check("analyzers", running, "" if running else "the scheduler stopped")]
 
 
 class StartupInterrupted(BaseException):
@@ -267,9 +277,8 @@ class Daemon:
         self.ready = threading.Event()
         self.bootstrap: str | None = None
         self._ingestor: Ingestor | None = None
-        self._worker: IngestWorker | None = None
         self._api: ApiServer | None = None
-        self._poll_error: BaseException | None = None
+        self._supervisor = Supervisor([])
         self._stop = threading.Event()
         self._connecting = False  # a signal then raises StartupInterrupted (see run)
 
@@ -280,26 +289,16 @@ class Daemon:
 
     # -- supervision: the main thread -------------------------------------------------
 
-    def _poll(self) -> None:
-        """The ``ingest-poll`` thread: the consumer loop until stopped; an error is kept
-        for the main thread to raise."""
-        assert self._ingestor is not None
-        try:
-            self._ingestor.run()
-        except BaseException as exc:
-            self._poll_error = exc
-            self._stop.set()
-
-    def _supervise(self, poller: threading.Thread, notifier: Notifier) -> None:
-        """Until ``poller`` ends: every ``SUPERVISE_S``, the health checks feed the systemd
-        watchdog (pings only while all pass); ``READY=1`` once partitions are assigned
-        and the API listens; ``STATUS=`` with a one-line summary when it changes."""
+    def _supervise(self, ingest: IngestService, notifier: Notifier) -> None:
+        """Until ingest ends: every ``SUPERVISE_S``, the services' health checks feed the
+        systemd watchdog (pings only while all pass); ``READY=1`` once partitions are
+        assigned (the API listens by then); ``STATUS=`` a one-line summary."""
         watchdog = Watchdog(notifier)
         ready = False
         last_status = 0.0
-        while poller.is_alive():
-            poller.join(SUPERVISE_S)
-            if not poller.is_alive():
+        while ingest.running:
+            ingest.join(SUPERVISE_S)
+            if not ingest.running:
                 return
             failing = [c for c in self.liveness() if not c.ok]
             watchdog.beat(not failing, "; ".join(f"{c.name}: {c.detail}" for c in failing))
@@ -330,21 +329,19 @@ class Daemon:
 
     # -- the API's view of the daemon -------------------------------------------------
 
-    def _start_api(
-        self, store: Store, prices: PriceBook, worker: IngestWorker, analysis: AnalyzerScheduler
+    def _make_api(
+        self, store: Store, prices: PriceBook, analysis: AnalyzerScheduler
     ) -> ApiServer | None:
-        """Serve the HTTP API (``[api]``) in a thread of its own; None when disabled."""
+        """The HTTP API service (``[api]``), not started yet; None when disabled."""
         s = self.settings
         if not s.api.enabled:
             return None
         from finopsd.api.app import create_app
-        from finopsd.api.server import ApiServer
         from finopsd.api.state import ServiceState
 
         token = read_token(s, create=True)
         if token is None:
             raise RuntimeError(f"api: no token in {s.api.token_path(s.store.path)}")
-        self._worker = worker
         state = ServiceState(
             store=store,
             settings=s,
@@ -356,51 +353,26 @@ class Daemon:
             analyze=analysis.run_now,
             started_at=time.time(),
         )
-        self._api = ApiServer(create_app(state, token), s.api.host, s.api.port)
-        self._api.start()
-        write_address(s, self._api.url)
-        return self._api
+        return ApiServer(
+            create_app(state, token),
+            s.api.host,
+            s.api.port,
+            announce=lambda url: write_address(s, url),
+            withdraw=lambda: clear_address(s),
+        )
 
     def lag(self) -> dict[tuple[str, int], int | None]:
         """Records behind per assigned partition (None: not known yet)."""
         return self._ingestor.lag() if self._ingestor is not None else {}
 
     def liveness(self) -> list[Check]:
-        """The threads that must run: ingest's decode and store threads, the consumer loop
-        (it polled within ``LIVENESS_POLL_S``, once it has started), the API."""
-        from finopsd.api.state import Check
-
-        checks = []
-        worker = self._worker
-        alive = worker is not None and worker.alive()
-        checks.append(Check("ingest-threads", alive, "" if alive else "decode/store thread ended"))
-        stuck = worker.wedged(WEDGED_S) if worker is not None else None
-        detail = "" if stuck is None else f"the {stuck} thread is stuck (over {WEDGED_S:g} s)"
-        held = worker.store.writer() if worker is not None and stuck == "store" else None
-        if held is not None and held[0] != "ingest-store" and held[1] < WRITE_LOCK_MAX_S:
-            # the store thread waits for the write lock: an analyzer's long transaction
-            detail = f"waiting for the store's write lock ({held[0]}, {held[1]:.0f} s)"
-            stuck = None
-        checks.append(Check("ingest-progress", stuck is None, detail))
-        ingestor = self._ingestor
-        last = ingestor.last_poll_at if ingestor is not None else None
-        if last is None or (worker is not None and worker.backpressured):
-            detail = "starting" if last is None else "waiting for the store (backpressure)"
-            checks.append(Check("consumer-loop", True, detail))
-        else:
-            ago = time.monotonic() - last
-            checks.append(
-                Check("consumer-loop", ago < LIVENESS_POLL_S, f"last poll {ago:.1f} s ago")
-            )
-        if self._api is not None:
-            checks.append(self._api.health())
-        return checks
+        """Every running service's health checks (ingest's threads and loop, the API, the
+        analyzer schedule, self-hosted pricing)."""
+        return self._supervisor.health()
 
     def readiness(self) -> list[Check]:
         """Able to do its job: the broker answers, partitions are assigned, the store takes
         writes, the consumer lag is at most ``api.ready_max_lag``."""
-        from finopsd.api.state import Check
-
         ingestor = self._ingestor
         consumer = ingestor.consumer if ingestor is not None else None
         try:  # the group coordinator is known while its broker answers heartbeats
@@ -464,6 +436,8 @@ class Daemon:
 
     def run(self) -> int:
         s = self.settings
+        # first: the embedded broker, a child, must not inherit NOTIFY_SOCKET
+        notifier = Notifier.from_environ(unset_environment=True)
         bound_allocators()
         with (
             kafka_endpoint(s) as bootstrap,
@@ -552,47 +526,34 @@ class Daemon:
                 s.store.path,
                 s.kafka.group_id,
             )
-            settler = SelfHostedSettler(store, prices, s.pricing, self._stop)
-            settler.start()
             analysis = AnalyzerScheduler(store, prices, s)
-            analysis.start()
-            api = None
-            try:
-                api = self._start_api(store, prices, worker, analysis)
-            except Exception as exc:  # ApiServerError: the address is busy or forbidden
-                log.error("%s", exc)
-                self._stop.set()
-                analysis.stop()
-                settler.join()
-                dead_letters.close(timeout_s=10)
-                worker.close()
-                return 1
-            notifier = Notifier.from_environ(unset_environment=True)
-            poller = threading.Thread(target=self._poll, name="ingest-poll", daemon=True)
+            api = self._api = self._make_api(store, prices, analysis)
+            ingest = IngestService(self._ingestor, worker, dead_letters)
+            # started in this order, stopped in reverse: ingest stores its last batch first
+            self._supervisor = Supervisor(
+                [
+                    SelfHostedSettler(store, prices, s.pricing),
+                    analysis,
+                    *([api] if api is not None else []),
+                    ingest,
+                ]
+            )
             try:
                 self._connecting = True
                 if not self._stop.is_set():  # (a signal before the flag was set)
-                    poller.start()
-                    self._supervise(poller, notifier)
-            except StartupInterrupted:
-                worker.close()  # the consumer's constructor may be where it is stuck
-                raise
+                    self._supervisor.start()
+                    self._supervise(ingest, notifier)
+            except ApiServerError as exc:  # the address is busy or forbidden
+                log.error("%s", exc)
+                return 1
             finally:
                 self._connecting = False
                 notifier.stopping("stopping: storing the batch in flight")
                 self.stop()
-                if poller.is_alive():
-                    poller.join()  # the final batch is stored and its offsets committed
-                self._stop.set()
-                if api is not None:
-                    api.stop()
-                    clear_address(s)
-                analysis.stop()
-                settler.join()
-                dead_letters.close(timeout_s=10)
+                self._supervisor.stop()
                 notifier.close()
-            if self._poll_error is not None:
-                raise self._poll_error
+            if ingest.error is not None:
+                raise ingest.error
             snap = self.stats.snapshot()
             log.info(
                 "stopped %s: %d records in %d batches; stored %s; duplicates %s; dead letters %s",

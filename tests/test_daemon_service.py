@@ -24,7 +24,7 @@ import httpx
 import pytest
 from conftest import DaemonSetup, Topics, produce_messages, wait_for
 
-import finopsd.daemon
+import finopsd.service.ingest
 from finopsd.config import load_settings
 from finopsd.daemon import Daemon
 from finopsd.ingest.loadgen import UsageLoad
@@ -71,7 +71,7 @@ def test_notify_ready_watchdog_stopping_and_no_pings_while_wedged(
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
     monkeypatch.setenv("WATCHDOG_USEC", "2000000")  # a ping every second
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    monkeypatch.setattr(finopsd.daemon, "WEDGED_S", 3.0)
+    monkeypatch.setattr(finopsd.service.ingest, "WEDGED_S", 3.0)
     setup = make_config("svc", analyzers={"first_run_delay_s": 86400})
     daemon = Daemon(load_settings(setup.config, env={}))
     runner = threading.Thread(target=daemon.run, daemon=True)
@@ -91,7 +91,7 @@ def test_notify_ready_watchdog_stopping_and_no_pings_while_wedged(
         url = json.loads(setup.store.with_name(setup.store.name + ".api").read_text())["url"]
         assert httpx.get(f"{url}/healthz").status_code == 200
 
-        worker = daemon._worker
+        worker = daemon._ingestor.worker if daemon._ingestor is not None else None
         assert worker is not None
         load = UsageLoad(seed=3, start=datetime.now(UTC))
         events = iter(load)

@@ -1,9 +1,11 @@
 """``ApiServer``: uvicorn serving the API in a thread of its own.
 
-``start()`` binds the socket itself (so a busy or forbidden address is an error
-naming it, and port 0 is known at once), starts uvicorn on it and returns once it
-accepts connections. ``stop()`` asks uvicorn to finish (requests in flight get
-``GRACE_S``) and joins. ``health()`` says whether it still serves.
+A ``Service`` (``finopsd.service.supervisor``): ``start()`` binds the socket
+itself (so a busy or forbidden address is an error naming it, and port 0 is known
+at once), starts uvicorn on it, returns once it accepts connections and calls
+``announce(url)``. ``stop()`` calls ``withdraw()``, asks uvicorn to finish
+(requests in flight get ``GRACE_S``) and joins. ``health()`` says whether it
+still serves.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from finopsd.api.state import Check
+from finopsd.service.supervisor import Check
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +31,20 @@ class ApiServerError(RuntimeError):
 class ApiServer:
     """The API on ``host``:``port`` (0: any free port; ``port`` then tells which)."""
 
-    def __init__(self, app: Any, host: str, port: int) -> None:
+    name = "api"
+
+    def __init__(
+        self,
+        app: Any,
+        host: str,
+        port: int,
+        *,
+        announce: Callable[[str], None] | None = None,
+        withdraw: Callable[[], None] | None = None,
+    ) -> None:
         self.app = app
+        self._announce = announce
+        self._withdraw = withdraw
         self.host = host
         self.requested_port = port
         self.port: int | None = None
@@ -71,6 +86,8 @@ class ApiServer:
                 )
             time.sleep(0.01)
         log.info("API listening on %s", self.url)
+        if self._announce is not None:
+            self._announce(self.url)
 
     def _bind(self) -> socket.socket:
         try:
@@ -99,11 +116,13 @@ class ApiServer:
             self._error = exc
             log.error("API server stopped: %s", exc)
 
-    def health(self) -> Check:
+    def health(self) -> list[Check]:
         alive = self._thread is not None and self._thread.is_alive()
-        return Check("api", alive, "" if alive else f"the API thread stopped: {self._error}")
+        return [Check("api", alive, "" if alive else f"the API thread stopped: {self._error}")]
 
     def stop(self) -> None:
+        if self._withdraw is not None:
+            self._withdraw()
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:

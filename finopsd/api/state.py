@@ -1,4 +1,7 @@
-"""``ServiceState``: what the HTTP API may see and ask of the running daemon."""
+"""``ServiceState``: what the HTTP API may see and ask of the running daemon.
+
+(``Check`` is ``finopsd.service.supervisor.Check``, here for the API's handlers.)
+"""
 
 from __future__ import annotations
 
@@ -9,19 +12,8 @@ from typing import Any
 from finopsd.config import Settings
 from finopsd.ingest.pipeline import IngestStats
 from finopsd.pricing import PriceBook
+from finopsd.service.supervisor import Check
 from finopsd.store import Store
-
-
-@dataclass(frozen=True)
-class Check:
-    """One health or readiness check: its name, whether it passed, and why not."""
-
-    name: str
-    ok: bool
-    detail: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "ok": self.ok, "detail": self.detail}
 
 
 @dataclass
@@ -44,3 +36,6 @@ class ServiceState:
     analyze: Callable[[list[str] | None, float | None], list[Any]]
     started_at: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+__all__ = ["Check", "ServiceState"]
