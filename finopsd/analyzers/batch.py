@@ -151,27 +151,37 @@ class Batch(Analyzer):
             GROUP BY ALL
             """,
             {"start": ctx.window.start, "end": ctx.window.end},
-        ).fetchall()
+        ).to_arrow_table()
+        columns = [rows.column(i).to_pylist() for i in range(rows.num_columns)]
         today = ctx.now.astimezone(UTC).date()
         prices: dict[tuple[str | None, str, str | None], Any] = {}  # one lookup per model
         merged: dict[tuple[str, ...], dict[str, Any]] = {}
-        for tenant, app, feature, provider, model, deployment, h, requests, cost, unpriced in rows:
-            if (provider, model, deployment) not in prices:
-                prices[(provider, model, deployment)] = price_now(
+        for tenant, app, feature, provider, model, deployment, h, requests, cost, unpriced in zip(
+            *columns, strict=True
+        ):
+            model_key = (provider, model, deployment)
+            price = prices.get(model_key, prices)  # (prices itself: not looked up yet)
+            if price is prices:
+                price = prices[model_key] = price_now(
                     ctx.prices, provider, model, deployment, today
                 )
-            price = prices[(provider, model, deployment)]
             if price is None or price.batch_discount <= 0:
                 continue
             key = (tag(tenant), tag(app), tag(feature), tag(provider), model)
-            acc = merged.setdefault(
-                key,
-                {"requests": 0, "cost": 0.0, "unpriced": 0, "price": price, "hours": []},
-            )
-            acc["requests"] += int(requests)
-            acc["cost"] += float(cost)
-            acc["unpriced"] += int(unpriced)
-            acc["hours"].append((int(h), float(cost)))
+            acc = merged.get(key)
+            if acc is None:
+                acc = merged[key] = {
+                    "requests": 0,
+                    "cost": 0.0,
+                    "unpriced": 0,
+                    "price": price,
+                    "hours": [],
+                }
+            cost = float(cost)
+            acc["requests"] += requests
+            acc["cost"] += cost
+            acc["unpriced"] += unpriced
+            acc["hours"].append((h, cost))
         findings = []
         for (tenant, app, feature, provider, model), acc in sorted(merged.items()):
             price = acc["price"]
