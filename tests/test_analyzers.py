@@ -524,6 +524,7 @@ if absent:
     else:
         raise AssertionError("pandas imported")
     assert "pandas" not in sys.modules
+    assert importlib.util.find_spec("pandas") is None
 con = duckdb.connect()
 assert con.execute("SELECT ? + 1 AS a", [41]).fetchone() == (42,)
 assert con.execute("SELECT 1 AS a").to_arrow_table().column("a").to_pylist() == [1]

@@ -72,17 +72,22 @@ class _AbsentModule(importlib.abc.MetaPathFinder):
     DuckDB's Python client tries ``import pandas`` on every query with parameters
     (twice; about 0.15-0.25 ms a query here when pandas is absent, which is most of a
     small query's cost). This finder raises the ``ModuleNotFoundError`` that search
-    would end in; it leaves ``sys.modules`` alone, so whoever asks (pyarrow's pandas
-    shim, polars, DuckDB's ``fetchdf``) sees pandas absent exactly as before.
+    would end in; it leaves ``sys.modules`` alone, and ``importlib.util.find_spec``
+    still answers None, so whoever asks (pyarrow's pandas shim, polars, DuckDB's
+    ``fetchdf``) sees pandas absent exactly as before.
     """
 
     def __init__(self, name: str) -> None:
         self.name = name
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
-        if fullname == self.name or fullname.startswith(self.name + "."):
-            raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
-        return None
+        if fullname != self.name and not fullname.startswith(self.name + "."):
+            return None
+        # importlib.util.find_spec (its frame calls importlib's _find_spec, which calls
+        # this) answers None for a missing module: let it, the slow way; imports fail now
+        if sys._getframe(2).f_code.co_name == "find_spec":
+            return None
+        raise ModuleNotFoundError(f"No module named {fullname!r}", name=fullname)
 
 
 def _skip_absent(name: str) -> None:
@@ -316,11 +321,10 @@ class Context:
     def hours(self, pairs: Iterable[tuple[datetime | int, float]]) -> list[float]:
         """The saving per hour from ``span_start`` of the first hour given to the last hour
         observed: ``dense_hours`` with 0s before and after."""
-        given = [(_epoch_hour(h), float(v)) for h, v in pairs]
-        if not given:
+        hours, values = _hours_and_values(pairs)
+        if not hours:
             return []
-        start = self.span_start(min(h for h, _ in given))
-        return dense_hours(given, since=start, through=self.last_hour)
+        return _dense(hours, values, since=self.span_start(min(hours)), through=self.last_hour)
 
     def project(
         self,
@@ -567,18 +571,36 @@ def dense_hours(
     ``through``: epoch hours the series starts at at the latest / runs to at
     least (0s before the first / after the last hour given).
     """
-    acc: dict[int, float] = {}
-    for hour, value in pairs:
-        h = _epoch_hour(hour)
-        acc[h] = acc.get(h, 0.0) + float(value)
-    if not acc:
+    hours, values = _hours_and_values(pairs)
+    if not hours:
         return []
-    first, last = min(acc), max(acc)
+    return _dense(hours, values, since=since, through=through)
+
+
+def _hours_and_values(
+    pairs: Iterable[tuple[datetime | int, float]],
+) -> tuple[list[int], list[float]]:
+    """``pairs`` as epoch hours and float savings, in their order."""
+    hours: list[int] = []
+    values: list[float] = []
+    add_hour, add_value = hours.append, values.append
+    for hour, value in pairs:
+        add_hour(hour if isinstance(hour, int) else _epoch_hour(hour))
+        add_value(float(value))
+    return hours, values
+
+
+def _dense(
+    hours: list[int], values: list[float], *, since: int | None, through: int | None
+) -> list[float]:
+    """``dense_hours`` of non-empty hours and values: each hour's values summed in the order
+    given (``np.add.at`` adds one at a time, from 0.0), 0.0 where none was given."""
+    at = np.asarray(hours, np.int64)
+    first, last = int(at.min()), int(at.max())
     if since is not None:
         first = min(first, since)
     if through is not None:
         last = max(last, through)
-    out = [0.0] * (last - first + 1)
-    for h, value in acc.items():
-        out[h - first] = value
-    return out
+    out = np.zeros(last - first + 1)
+    np.add.at(out, at - first, np.asarray(values, np.float64))
+    return out.tolist()
