@@ -88,8 +88,7 @@ MAX_RETRY_INTERVAL_S = 600
 _H_US = MAX_RETRY_INTERVAL_S * 1_000_000
 
 _PAIRS = f"""
-    CREATE OR REPLACE TEMP TABLE waste_pairs AS
-    WITH err AS (
+    err AS (
         -- each error under the hash of its prompt with its own and the next time bucket:
         -- one integer join key, and a much-repeated prompt pairs only with near errors
         SELECT hash(prompt_hash, epoch_us(ts) // {_H_US} + k) AS key,
@@ -98,7 +97,8 @@ _PAIRS = f"""
                            model := request_model, cost_usd := cost_usd) AS e
         FROM usage_events, (VALUES (0), (1)) v(k)
         WHERE status = 'error' AND prompt_hash IS NOT NULL AND ts >= $elo AND ts <= $ehi
-    )
+    ),
+    waste_pairs AS (
     SELECT c.event_id,
            struct_pack(ts := c.ts, tenant := c.tenant, app := c.app, feature := c.feature,
                        model := c.request_model, status := c.status,
@@ -115,15 +115,17 @@ _PAIRS = f"""
       ON hash(c.prompt_hash, epoch_us(c.ts) // {_H_US}) = e.key
      AND e.ets < c.ts AND c.ts <= e.ets + INTERVAL {MAX_RETRY_INTERVAL_S} SECOND
     WHERE {{where}}
+    )
 """
-"""Every (later request, earlier error) with the same prompt hash at most
-``MAX_RETRY_INTERVAL_S`` apart, among the requests ``where`` selects; ``gap`` is NULL
-unless the prompt, tenant and app are the same."""
+"""CTEs: ``waste_pairs`` is every (later request, earlier error) with the same prompt hash
+at most ``MAX_RETRY_INTERVAL_S`` apart, among the requests ``where`` selects; ``gap`` is
+NULL unless the prompt, tenant and app are the same. Each statement below aggregates it
+as it streams (materialised once at 10 M events, it outgrew the store's memory limit)."""
 
 _RETRIES = """
     INSERT INTO waste_retries (event_id, ts, tenant, app, feature, model, status,
                                input_tokens, output_tokens, cost_usd, gap_s)
-    WITH best AS (
+    WITH {pairs}, best AS (
         SELECT event_id, any_value(r) AS r, min(gap) AS gap
         FROM waste_pairs GROUP BY event_id HAVING min(gap) IS NOT NULL
     )
@@ -137,7 +139,7 @@ _RETRIES = """
 _RETRIED = """
     INSERT INTO waste_retried_errors (event_id, ts, tenant, app, feature, model, cost_usd,
                                       gap_s)
-    WITH best AS (
+    WITH {pairs}, best AS (
         SELECT eid, any_value(e) AS e, min(gap) AS gap
         FROM waste_pairs GROUP BY eid HAVING min(gap) IS NOT NULL
     )
@@ -170,11 +172,11 @@ def refresh(con: duckdb.DuckDBPyConnection) -> int:
     def detect(where: str, params: dict[str, Any], lo: datetime, hi: datetime) -> None:
         """Upsert the retries among the events ``where`` selects, whose ts lie in [lo, hi]."""
         nonlocal written
-        con.execute(_PAIRS.format(where=where), {**params, "elo": lo - horizon, "ehi": hi})
-        got = con.execute(_RETRIES).fetchone()
+        pairs = _PAIRS.format(where=where)
+        bound = {**params, "elo": lo - horizon, "ehi": hi}
+        got = con.execute(_RETRIES.format(pairs=pairs), bound).fetchone()
         written += int(got[0]) if got else 0
-        con.execute(_RETRIED)
-        con.execute("DROP TABLE waste_pairs")
+        con.execute(_RETRIED.format(pairs=pairs), bound)
 
     if watermark is None:
         con.execute("DELETE FROM waste_retries")
