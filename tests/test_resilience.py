@@ -369,3 +369,25 @@ def test_polling_waits_once_queued_record_batches_reach_queue_bytes(tmp_path: Pa
         worker.close()
         assert store.counts()["usage_events"] == len(values)
         assert worker.stats.snapshot()["backpressure_s"] > 1.0
+
+
+def test_lag_skips_partitions_the_consumer_no_longer_holds(topics: Topics) -> None:
+    """Between a revocation (a rebalance, close()) and the ingestor's own copy of the
+    assignment catching up, lag() — read by the status line and /readyz from other
+    threads — answers for the partitions still held instead of raising."""
+    from kafka import KafkaConsumer
+
+    from finopsd.ingest.pipeline import Ingestor
+
+    held, revoked = topics.usage_partitions()[:2]
+    consumer = KafkaConsumer(bootstrap_servers=topics.bootstrap, group_id=None)
+    try:
+        consumer.assign([held])
+        ingestor = Ingestor(lambda: consumer, None, [topics.usage], max_poll_records=10)  # type: ignore[arg-type]
+        ingestor.consumer = consumer
+        ingestor.assignment = {held, revoked}
+        ingestor.positions[(held.topic, held.partition)] = 0
+        lag = ingestor.lag()
+        assert set(lag) == {(held.topic, held.partition)}
+    finally:
+        consumer.close()

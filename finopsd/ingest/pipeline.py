@@ -38,7 +38,7 @@ import polars as pl
 import pyarrow as pa
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import KafkaError, MessageSizeTooLargeError
+from kafka.errors import IllegalStateError, KafkaError, MessageSizeTooLargeError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from finopsd.events import UsageEvent, _Event
@@ -893,7 +893,10 @@ class Ingestor:
             assigned = sorted(self.assignment)
         out: dict[tuple[str, int], int | None] = {}
         for tp in assigned:
-            high = consumer.highwater(tp) if consumer is not None else None
+            try:
+                high = consumer.highwater(tp) if consumer is not None else None
+            except IllegalStateError:  # revoked since the copy above (a rebalance, close())
+                continue
             stored = self.positions.get((tp.topic, tp.partition))
             out[(tp.topic, tp.partition)] = (
                 None if high is None or stored is None else max(0, high - stored)
@@ -917,6 +920,8 @@ class Ingestor:
 
     def _on_revoked(self, revoked: list[TopicPartition]) -> None:
         if self._closing:
+            with self._assignment_lock:
+                self.assignment -= set(revoked)
             return
         self.worker.flush()
         self._commit(self.worker.take_stored_offsets())
