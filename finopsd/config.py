@@ -15,6 +15,7 @@ import difflib
 import json
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
@@ -255,6 +256,147 @@ class ApiSettings(_Section):
         return self.token_file or store_path.with_name(store_path.name + ".api-token")
 
 
+ActionMode = Literal["off", "suggest", "approve", "auto"]
+ACTION_KINDS = (
+    "gateway.cache",
+    "gateway.route",
+    "gateway.cascade",
+    "gateway.max_tokens",
+    "gateway.rate_limit",
+    "provider.batch",
+    "finetune",
+    "vllm.quantize",
+    "vllm.scale",
+    "vllm.prefix_caching",
+)
+"""Every ActionSpec kind the analyzers emit (``[actions.policy.<kind>]`` keys)."""
+
+
+class PolicyRule(_Section):
+    """One ``[actions.policy.<kind>]`` table; an unset key takes ``[actions.policy.default]``'s."""
+
+    mode: ActionMode | None = Field(
+        None, description="off | suggest (shown only) | approve (a person approves) | auto"
+    )
+    min_confidence: float | None = Field(None, ge=0, le=1)
+    min_monthly_usd: float | None = Field(None, ge=0, description="smaller findings: ignored")
+    max_auto_monthly_usd: float | None = Field(
+        None, ge=0, description="auto mode: a larger projected saving asks for approval first"
+    )
+    max_share_step: float | None = Field(
+        None, gt=0, le=1, description="the largest share of a scope's traffic moved per step"
+    )
+    max_steps_per_day: int | None = Field(None, ge=1, le=1000)
+    max_actions_per_day: int | None = Field(None, ge=0, le=10_000)
+    tenants: dict[str, ActionMode] = Field(
+        default_factory=dict, description="tenant -> mode, over this table's mode"
+    )
+
+
+DEFAULT_POLICY = PolicyRule(
+    mode="suggest",
+    min_confidence=0.5,
+    min_monthly_usd=10.0,
+    max_auto_monthly_usd=1000.0,
+    max_share_step=0.25,
+    max_steps_per_day=4,
+    max_actions_per_day=5,
+)
+
+
+class VerifySettings(_Section):
+    """``[actions.verify]``: canary steps and the regression tests that judge them."""
+
+    canary_share: float = Field(0.1, gt=0, le=1, description="traffic moved by the first step")
+    min_requests: int = Field(200, ge=10, le=10**9, description="touched requests before a verdict")
+    confidence: float = Field(0.95, ge=0.5, lt=1, description="of each one-sided regression test")
+    max_error_rate_increase: float = Field(0.01, ge=0, le=1, description="absolute, tolerated")
+    max_p95_latency_increase: float = Field(0.25, ge=0, le=100, description="relative, tolerated")
+    max_quality_drop: float = Field(0.02, ge=0, le=1, description="absolute, tolerated")
+    max_cost_increase: float = Field(0.05, ge=0, le=100, description="per request, relative")
+    baseline_hours: float = Field(168, gt=0, le=24 * 366, description="traffic 'before' looked at")
+    max_wait_hours: float = Field(
+        72, gt=0, le=24 * 366, description="a step without min_requests by then is rolled back"
+    )
+
+
+class GatewaySettings(_Section):
+    """``[actions.gateway]``: the LiteLLM proxy whose config.yaml finopsd edits."""
+
+    config_path: Path | None = Field(None, description="the proxy's config.yaml; unset: no gateway")
+    backend: Literal["file", "git"] = "file"
+    reload_command: list[str] | None = Field(
+        None, description='run after writing, e.g. ["systemctl", "restart", "litellm"]'
+    )
+    reload_timeout_s: float = Field(120, gt=0, le=3600)
+    git_repo: Path | None = Field(None, description="backend = git: the repository's work tree")
+    git_branch: str = Field("main", min_length=1)
+    git_remote: str | None = Field(None, description="pushed to after each commit when set")
+    proxy_url: str | None = Field(None, description="e.g. http://127.0.0.1:4000 (health checks)")
+    master_key_file: Path | None = Field(None, description="else $LITELLM_MASTER_KEY")
+    health_timeout_s: float = Field(120, gt=0, le=3600)
+
+
+class CommandSettings(_Section):
+    """``[actions.command]``: changes an external controller makes (Kafka command events)."""
+
+    topic: str = Field("finopsd.commands", min_length=1)
+    ack_topic: str = Field("finopsd.command-acks", min_length=1)
+    timeout_s: float = Field(86_400, gt=0, le=366 * 86_400, description="no ack by then: failed")
+    kinds: list[str] = Field(
+        default_factory=list, description="ActionSpec kinds sent as commands (e.g. provider.batch)"
+    )
+
+    @field_validator("kinds")
+    @classmethod
+    def _known(cls, kinds: list[str]) -> list[str]:
+        for kind in kinds:
+            if kind not in ACTION_KINDS:
+                raise ValueError(f"unknown kind {kind!r}; valid: {', '.join(ACTION_KINDS)}")
+        return kinds
+
+
+class ActionsSettings(_Section):
+    """``[actions]``: the controller, its policy, verification and actuators."""
+
+    enabled: bool = Field(True, description="the controller runs in the daemon")
+    dry_run: bool = Field(
+        False, description="kill switch: plan and record, change nothing (rollbacks still run)"
+    )
+    interval_s: float = Field(60, ge=1, le=86_400, description="how often the controller ticks")
+    approval_expiry_hours: float = Field(72, gt=0, le=24 * 366)
+    topic: str = Field("finopsd.actions", min_length=1, description="every transition, as JSON")
+    policy: dict[str, PolicyRule] = Field(default_factory=dict)
+    verify: VerifySettings = VerifySettings()
+    gateway: GatewaySettings = GatewaySettings()
+    command: CommandSettings = CommandSettings()
+
+    @field_validator("policy")
+    @classmethod
+    def _policy_kinds(cls, policy: dict[str, PolicyRule]) -> dict[str, PolicyRule]:
+        for kind in policy:
+            if kind != "default" and kind not in ACTION_KINDS:
+                hint = _suggest(kind, ACTION_KINDS)
+                raise ValueError(
+                    f"unknown actuator kind {kind!r}{hint}; "
+                    f"valid: default, {', '.join(ACTION_KINDS)}"
+                )
+        return policy
+
+    def rule(self, kind: str, tenant: str | None = None) -> PolicyRule:
+        """The effective rule for ``kind`` (and ``tenant``): kind's keys over default's."""
+        merged = DEFAULT_POLICY.model_dump()
+        for layer in (self.policy.get("default"), self.policy.get(kind)):
+            if layer is not None:
+                merged.update({k: v for k, v in layer.model_dump().items() if v not in (None, {})})
+        tenants = dict((self.policy.get("default") or DEFAULT_POLICY).tenants)
+        tenants.update((self.policy.get(kind) or DEFAULT_POLICY).tenants)
+        if tenant is not None and tenant in tenants:
+            merged["mode"] = tenants[tenant]
+        merged["tenants"] = tenants
+        return PolicyRule.model_validate(merged)
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -320,6 +462,7 @@ class Settings(_Section):
     pricing: PricingSettings = PricingSettings()
     analyzers: AnalyzersSettings = AnalyzersSettings()
     api: ApiSettings = ApiSettings()
+    actions: ActionsSettings = ActionsSettings()
     log: LogSettings = LogSettings()
 
     def redacted(self) -> dict[str, Any]:
@@ -348,6 +491,26 @@ def _suggest(word: str, choices: Any) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+def _member_type(owner: Any, part: str | None) -> Any:
+    """The settings model at ``owner.part`` (a field, or a value of a ``dict[str, Model]``);
+    with ``part`` None, ``owner`` itself as a model (``Model | None`` unwrapped)."""
+    if part is None:
+        if isinstance(owner, type) and issubclass(owner, BaseModel):
+            return owner
+        if typing.get_origin(owner) is dict:
+            return owner
+        for arg in typing.get_args(owner):  # Model | None
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+        return None
+    if isinstance(owner, type) and issubclass(owner, BaseModel):
+        field = owner.model_fields.get(part)
+        return _member_type(field.annotation, None) if field else None
+    if typing.get_origin(owner) is dict:
+        return _member_type(typing.get_args(owner)[1], None)
+    return None
+
+
 def _format(error: ValidationError, data: Mapping[str, Any], origin: Mapping[tuple, str]) -> str:
     lines = []
     for err in error.errors(include_url=False):
@@ -357,8 +520,7 @@ def _format(error: ValidationError, data: Mapping[str, Any], origin: Mapping[tup
         if err["type"] == "extra_forbidden":
             section_model: Any = Settings
             for part in loc[:-1]:
-                field = section_model.model_fields.get(part)
-                section_model = field.annotation if field else None
+                section_model = _member_type(section_model, part)
                 if section_model is None:
                     break
             choices = section_model.model_fields if section_model else Settings.model_fields
@@ -445,6 +607,7 @@ def _check_files(settings: Settings, prefix: str) -> None:
             raise ConfigError(f"{prefix}kafka.{key}: {file} is empty")
     _check_writable(settings.store.path, "store.path", "the store's file", prefix)
     _check_api(settings, prefix)
+    _check_gateway(settings, prefix)
     log_file = settings.embedded_broker.log_file
     if k.embedded and log_file is not None:
         _check_writable(log_file, "embedded_broker.log_file", "a file", prefix)
@@ -480,6 +643,48 @@ def _check_api(settings: Settings, prefix: str) -> None:
         ) from None
     if not infos:
         raise ConfigError(f"{prefix}api.host: {api.host!r} has no address")
+
+
+def _check_gateway(settings: Settings, prefix: str) -> None:
+    """The gateway the controller would change exists, and so does what makes it live."""
+    import shutil
+
+    g = settings.actions.gateway
+    if g.config_path is None:
+        return
+    key = f"{prefix}actions.gateway"
+    if not g.config_path.is_file():
+        raise ConfigError(f"{key}.config_path: {g.config_path} is not a file")
+    if not os.access(g.config_path, os.R_OK | os.W_OK):
+        raise ConfigError(f"{key}.config_path: cannot read and write {g.config_path}")
+    if g.backend == "file" and not g.reload_command:
+        raise ConfigError(
+            f'{key}.reload_command: needed with backend = "file" (LiteLLM reads its '
+            'config.yaml only when it starts), e.g. ["systemctl", "restart", "litellm"]'
+        )
+    if g.reload_command and shutil.which(g.reload_command[0]) is None:
+        raise ConfigError(f"{key}.reload_command: {g.reload_command[0]!r} is not an executable")
+    if g.backend == "git":
+        if g.git_repo is None:
+            raise ConfigError(f'{key}.git_repo: needed with backend = "git"')
+        if not (g.git_repo / ".git").exists():
+            raise ConfigError(f"{key}.git_repo: {g.git_repo} is not a git work tree")
+        try:
+            g.config_path.resolve().relative_to(g.git_repo.resolve())
+        except ValueError:
+            raise ConfigError(
+                f"{key}.config_path: {g.config_path} is not inside git_repo {g.git_repo}"
+            ) from None
+    if g.master_key_file is not None:
+        try:
+            if not g.master_key_file.read_text().strip():
+                raise ConfigError(f"{key}.master_key_file: {g.master_key_file} is empty")
+        except OSError as exc:
+            raise ConfigError(
+                f"{key}.master_key_file: cannot read {g.master_key_file}: {exc.strerror}"
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{key}.master_key_file: {g.master_key_file} is not UTF-8") from None
 
 
 def _check_writable(file: Path, key: str, what: str, prefix: str) -> None:
@@ -525,6 +730,15 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
     )
     pricing = settings.pricing.model_copy(update={"catalog": resolve(settings.pricing.catalog)})
     api = settings.api.model_copy(update={"token_file": resolve(settings.api.token_file)})
+    g = settings.actions.gateway
+    gateway = g.model_copy(
+        update={
+            "config_path": resolve(g.config_path),
+            "git_repo": resolve(g.git_repo),
+            "master_key_file": resolve(g.master_key_file),
+        }
+    )
+    actions = settings.actions.model_copy(update={"gateway": gateway})
     return settings.model_copy(
         update={
             "store": store,
@@ -532,5 +746,6 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             "kafka": kafka,
             "pricing": pricing,
             "api": api,
+            "actions": actions,
         }
     )

@@ -26,6 +26,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from finopsd.actions.schema import ACTIONS_TABLES
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -566,6 +568,7 @@ MIGRATIONS: list[tuple[str, str]] = [
         DELETE FROM rollup_state WHERE name IN ('caching', 'caching.since');
         """,
     ),
+    ("actions: their state, the audit trail, the savings ledger", ACTIONS_TABLES),
 ]
 """Schema migrations, applied in order; a migration's version is its position + 1.
 Never edit a released migration: append a new one.

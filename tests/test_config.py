@@ -68,7 +68,7 @@ def test_repo_config_documents_every_setting() -> None:
     assert set(by_section) == set(sections)
     for section, model in sections.items():
         for key in model.model_fields:
-            pattern = rf"^#?\s*({re.escape(key)}\s*=|\[\[{section}\.{re.escape(key)}\]\])"
+            pattern = rf"^#?\s*({re.escape(key)}\s*=|\[\[?{section}\.{re.escape(key)}[\].])"
             if key == "sasl_password":
                 pattern = key
             assert re.search(pattern, by_section[section], flags=re.MULTILINE), (
@@ -534,3 +534,31 @@ def test_analyze_window_days_is_bounded_like_the_setting(tmp_path: Path) -> None
     )
     assert result.returncode == 2 and "--window-days" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_actions_gateway_problems_are_caught_before_run(tmp_path: Path) -> None:
+    """``config check`` names what would stop the controller from changing the gateway."""
+    missing = write(tmp_path, '[actions.gateway]\nconfig_path = "nope.yaml"\n')
+    assert "actions.gateway.config_path" in config_error(missing)
+    (tmp_path / "litellm.yaml").write_text("model_list: []\n")
+    no_reload = write(tmp_path, '[actions.gateway]\nconfig_path = "litellm.yaml"\n')
+    assert "actions.gateway.reload_command: needed" in config_error(no_reload)
+    bad_cmd = write(
+        tmp_path,
+        '[actions.gateway]\nconfig_path = "litellm.yaml"\nreload_command = ["no-such-cmd-x"]\n',
+    )
+    assert "'no-such-cmd-x' is not an executable" in config_error(bad_cmd)
+    not_git = write(
+        tmp_path,
+        '[actions.gateway]\nconfig_path = "litellm.yaml"\nbackend = "git"\ngit_repo = "."\n',
+    )
+    assert "actions.gateway.git_repo" in config_error(not_git)
+    kind = write(tmp_path, '[actions.policy."gateway.rout"]\nmode = "auto"\n')
+    assert "did you mean gateway.route?" in config_error(kind)
+    key = write(tmp_path, '[actions.policy."gateway.route"]\nmod = "auto"\n')
+    assert "actions.policy.gateway.route.mod: unknown key (did you mean mode?)" in config_error(key)
+    ok = write(
+        tmp_path,
+        '[actions.gateway]\nconfig_path = "litellm.yaml"\nreload_command = ["true"]\n',
+    )
+    assert load_settings(ok, {}).actions.gateway.config_path == tmp_path / "litellm.yaml"
