@@ -1,0 +1,1 @@
+"""The gateway actuator's parts: LiteLLM proxy config edits and where the config lives."""
