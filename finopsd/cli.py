@@ -803,6 +803,9 @@ not in --format exits 2.""",
     from finopsd.cli_prices import add_parsers as add_prices_parsers
 
     add_prices_parsers(sub, common, _settings)
+    from finopsd.cli_actions import add_parsers as add_actions_parsers
+
+    add_actions_parsers(sub, common, _settings)
     return parser
 
 

@@ -31,6 +31,7 @@ from finopsd.ingest.decode import BatchDecoder, TimeWindow
 from finopsd.ingest.formats import NATIVE, make_decoder
 from finopsd.ingest.pipeline import DeadLetterSink, Ingestor, IngestStats, IngestWorker, Route
 from finopsd.pricing import PriceBook, settle_self_hosted
+from finopsd.service.actions import ControllerService, KafkaEvents
 from finopsd.service.ingest import IngestService
 from finopsd.service.notify import Notifier, Watchdog
 from finopsd.service.supervisor import Check, Supervisor
@@ -329,8 +330,42 @@ class Daemon:
 
     # -- the API's view of the daemon -------------------------------------------------
 
+    def _make_controller(
+        self, store: Store, prices: PriceBook, bootstrap: str, producer_config: dict[str, Any]
+    ) -> ControllerService | None:
+        """The action controller's service (``[actions]``), not started; None: disabled."""
+        s = self.settings
+        if not s.actions.enabled:
+            return None
+        from finopsd.actions.acks import AckReader
+        from finopsd.actions.controller import Controller
+        from finopsd.actions.registry import build_actuators
+
+        timeout_s = s.kafka.request_timeout_ms / 1000
+        events = KafkaEvents(lambda: KafkaProducer(**producer_config), s.actions.topic, timeout_s)
+        commands = KafkaEvents(
+            lambda: KafkaProducer(**producer_config), s.actions.command.topic, timeout_s
+        )
+        acks = AckReader(
+            lambda: KafkaConsumer(
+                bootstrap_servers=bootstrap,
+                **s.kafka.client_config(),
+                group_id=None,
+                enable_auto_commit=False,
+                request_timeout_ms=s.kafka.request_timeout_ms,
+            ),
+            s.actions.command.ack_topic,
+        )
+        actuators = build_actuators(s, send_command=commands.send, ack_reader=acks)
+        controller = Controller(store, s.actions, prices, actuators, events=events)
+        return ControllerService(controller, s.actions.interval_s, [events, commands, acks])
+
     def _make_api(
-        self, store: Store, prices: PriceBook, analysis: AnalyzerScheduler
+        self,
+        store: Store,
+        prices: PriceBook,
+        analysis: AnalyzerScheduler,
+        controller: Any = None,
     ) -> ApiServer | None:
         """The HTTP API service (``[api]``), not started yet; None when disabled."""
         s = self.settings
@@ -352,6 +387,7 @@ class Daemon:
             lag=self.lag,
             analyze=analysis.run_now,
             started_at=time.time(),
+            controller=controller,
         )
         return ApiServer(
             create_app(state, token),
@@ -454,6 +490,14 @@ class Daemon:
                         [*topics, s.kafka.dead_letter_topic], s.embedded_broker.partitions
                     ),
                 )
+                if s.actions.enabled:  # one partition each: their order is the point
+                    ensure_topics(
+                        bootstrap,
+                        dict.fromkeys(
+                            [s.actions.topic, s.actions.command.topic, s.actions.command.ack_topic],
+                            1,
+                        ),
+                    )
             window = timedelta(hours=s.ingest.dedup_window_hours)
             max_bytes = s.ingest.max_record_bytes
             ts_window = TimeWindow(timedelta(seconds=s.ingest.max_future_skew_s))
@@ -527,13 +571,17 @@ class Daemon:
                 s.kafka.group_id,
             )
             analysis = AnalyzerScheduler(store, prices, s)
-            api = self._api = self._make_api(store, prices, analysis)
+            actions = self._make_controller(store, prices, bootstrap, producer_config)
+            api = self._api = self._make_api(
+                store, prices, analysis, actions.controller if actions else None
+            )
             ingest = IngestService(self._ingestor, worker, dead_letters)
             # started in this order, stopped in reverse: ingest stores its last batch first
             self._supervisor = Supervisor(
                 [
                     SelfHostedSettler(store, prices, s.pricing),
                     analysis,
+                    *([actions] if actions is not None else []),
                     *([api] if api is not None else []),
                     ingest,
                 ]

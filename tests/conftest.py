@@ -108,6 +108,14 @@ def _toml_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):  # an inline table, keys quoted ("gateway.route")
+        return (
+            "{ "
+            + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items())
+            + " }"
+        )
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
 

@@ -89,7 +89,7 @@ class FileRoutes(Actuator):
         self.writes += 1
         return {"changed": True}
 
-    def observe(self, plan: Plan) -> Live:
+    def observe(self, plan: Plan, action_id: str) -> Live:
         live = self._text()
         if live == plan.target["text"]:
             return "target"

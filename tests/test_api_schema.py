@@ -15,6 +15,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
+from finopsd.actions.controller import Controller
 from finopsd.analyzers.runner import build, run_analyzers
 from finopsd.api.app import create_app
 from finopsd.api.server import ApiServer
@@ -85,6 +86,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         readiness=lambda: [Check("partitions", True, "4 assigned")],
         lag=dict,
         analyze=analyze,
+        controller=Controller(store, Settings().actions, prices, {}),
     )
     server = ApiServer(create_app(state, TOKEN), "127.0.0.1", 0)
     server.start()
@@ -99,7 +101,13 @@ def test_no_request_gets_a_server_error(served: str) -> None:
     """Every operation of the schema, 25 generated requests each (with the token)."""
     schema = schemathesis.openapi.from_url(f"{served}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/stats", "/v1/findings", "/v1/analyze"}
+    assert {op.path for op in operations} >= {
+        "/v1/stats",
+        "/v1/findings",
+        "/v1/analyze",
+        "/v1/actions",
+        "/v1/actions/{action_id}/approve",
+    }
     for operation in operations:
 
         @given(case=operation.as_strategy())

@@ -13,8 +13,11 @@ action), so a restarted process can ``observe`` and finish what a killed one beg
   is already live changes nothing; safe to repeat after a crash. Raises
   ``ActuatorError`` (the message says what failed) and leaves the target as it was
   or as the plan says, never half-way.
-- ``observe(plan)`` — what is live now: ``"target"`` (the plan is live), ``"base"``
-  (what the plan started from is live) or ``"other"`` (someone else changed it).
+- ``observe(plan, action_id)`` — what is live now: ``"target"`` (the plan is live), ``"base"``
+  (what the plan started from is live), ``"pending"`` (asked for, not confirmed yet:
+  an external controller has not acknowledged), ``"refused"`` (it acknowledged a
+  failure) or ``"other"`` (someone else changed it).
+  The controller observes after every ``apply``: only ``"target"`` makes a step live.
 - ``rollback(plan, action_id)`` — put ``plan.base`` back (byte for byte where the
   target is a file). Idempotent.
 
@@ -30,7 +33,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from finopsd.analyzers.base import ActionSpec
 
-Live = Literal["target", "base", "other"]
+Live = Literal["target", "base", "pending", "refused", "other"]
 
 
 class ActuatorError(RuntimeError):
@@ -93,16 +96,11 @@ class Actuator:
         """Make ``plan`` live; returns details to record (e.g. a commit id)."""
         raise NotImplementedError
 
-    def observe(self, plan: Plan) -> Live:
+    def observe(self, plan: Plan, action_id: str) -> Live:
         raise NotImplementedError
 
     def rollback(self, plan: Plan, action_id: str) -> dict[str, Any]:
         raise NotImplementedError
-
-    def poll(self, plan: Plan, action_id: str) -> bool | None:
-        """For a change made by someone else (a command): True once done, False if it
-        failed, None while pending. Others are done as soon as ``apply`` returns."""
-        return True
 
 
 REGISTRY: dict[str, type[Actuator]] = {}

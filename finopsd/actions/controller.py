@@ -96,6 +96,7 @@ class Controller:
         self.clock = clock
         self._lock = threading.RLock()
         self._fallback = Suggestion()
+        self._resent: set[str] = set()  # commands sent again since this process started
 
     # -- reading ----------------------------------------------------------------------
 
@@ -424,6 +425,7 @@ class Controller:
         if first:
             baseline["original"] = plan.base
         step = int(action["step"]) + 1
+        plan.detail.setdefault("step", step)
         what = f"step {step}: {plan.description}" + (
             f" ({share:.0%} of the scope's traffic)" if share is not None else ""
         )
@@ -448,7 +450,40 @@ class Controller:
             log.warning("action %s: apply failed: %s", action["id"], exc)
             self._roll_back(action, "controller", f"apply failed: {exc}")
             return True
-        return self._live(action, plan, detail)
+        return self._confirm(self.get(action["id"]), plan, detail)
+
+    def _confirm(self, action: dict[str, Any], plan: Plan, detail: dict[str, Any]) -> bool:
+        """After ``apply``: the step is live once ``observe`` says so."""
+        live = self.actuator_for(action["actuator"]).observe(plan, action["id"])
+        if live == "target":
+            return self._live(action, plan, detail)
+        if live == "pending":
+            self._resent.add(action["id"])
+            return self._wait_for_ack(action, plan)
+        if live == "refused":
+            self._roll_back(action, "controller", "the external controller refused the change")
+            return True
+        self._roll_back(action, "controller", f"applied, yet the target is {live}: not the plan")
+        return True
+
+    def _wait_for_ack(self, action: dict[str, Any], plan: Plan) -> bool:
+        timeout = self.settings.command.timeout_s
+        row = (
+            self.store.cursor()
+            .execute(
+                "SELECT max(occurred_at) FROM action_audit WHERE action_id = ? AND to_state = ?",
+                [action["id"], State.APPLYING.value],
+            )
+            .fetchone()
+        )
+        since = row[0] if row and row[0] is not None else action["updated_at"]
+        waited = (self.clock() - since).total_seconds()
+        if waited >= timeout:
+            self._roll_back(
+                action, "controller", f"no acknowledgement in {timeout:,.0f} s: given up"
+            )
+            return True
+        return self._hold(action, "waiting for the external controller's acknowledgement")
 
     def _live(self, action: dict[str, Any], plan: Plan, detail: dict[str, Any]) -> bool:
         now = self.clock()
@@ -478,10 +513,21 @@ class Controller:
     def _reconcile_applying(self, action: dict[str, Any]) -> bool:
         plan = Plan.from_dict(_json(action["plan"]))
         actuator = self.actuator_for(action["actuator"])
-        live = actuator.observe(plan)
-        log.info("action %s found applying; the live target is its %s", action["id"], live)
+        live = actuator.observe(plan, action["id"])
         if live == "target":
             return self._live(action, plan, {"reconciled": "the plan was live"})
+        if live == "pending":
+            if action["id"] not in self._resent:  # this process may not have sent it
+                self._resent.add(action["id"])
+                try:
+                    actuator.apply(plan, action["id"])  # the same command id: one command
+                except ActuatorError as exc:
+                    log.warning("action %s: sending again failed: %s", action["id"], exc)
+            return self._wait_for_ack(action, plan)
+        if live == "refused":
+            self._roll_back(action, "controller", "the external controller refused the change")
+            return True
+        log.info("action %s found applying; the live target is its %s", action["id"], live)
         if live == "base":
             return self._do_apply(action, plan)
         self._move(

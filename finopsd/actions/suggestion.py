@@ -83,7 +83,7 @@ class Suggestion(Actuator):
     def apply(self, plan: Plan, action_id: str) -> dict[str, Any]:
         raise NotImplementedError("a suggestion is never applied")
 
-    def observe(self, plan: Plan) -> Live:
+    def observe(self, plan: Plan, action_id: str) -> Live:
         return "base"
 
     def rollback(self, plan: Plan, action_id: str) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from finopsd.api import analyze, export, findings, metrics, probes, stats
+from finopsd.api import actions, analyze, export, findings, metrics, probes, stats
 from finopsd.api.state import ServiceState
 from finopsd.logctx import REQUEST_ID
 from finopsd.store import StoreUnavailable
@@ -84,6 +84,8 @@ def create_app(state: ServiceState, token: str) -> FastAPI:
     app.include_router(findings.router, dependencies=reads)
     app.include_router(export.router, dependencies=reads)
     app.include_router(analyze.router, dependencies=[Depends(auth.write)])
+    app.include_router(actions.reads, dependencies=reads)
+    app.include_router(actions.writes, dependencies=[Depends(auth.write)])
 
     @app.middleware("http")
     async def request_id(

@@ -24,6 +24,7 @@ class ServiceState:
     job (broker, partitions, store, lag). ``lag()``: records behind per (topic,
     partition), None where unknown. ``analyze(only, window_days)``: run analyzers
     now (one at a time with the schedule's runs) and return their ``AnalyzerRun``s.
+    ``controller``: the action controller (its methods take its own lock).
     """
 
     store: Store
@@ -35,6 +36,7 @@ class ServiceState:
     lag: Callable[[], dict[tuple[str, int], int | None]]
     analyze: Callable[[list[str] | None, float | None], list[Any]]
     started_at: float = 0.0
+    controller: Any = None  # finopsd.actions.controller.Controller; None: actions disabled
     extra: dict[str, Any] = field(default_factory=dict)
 
 
