@@ -4,7 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= config.toml
 
-.PHONY: install run test lint bench clean
+# the LiteLLM proxy that tests/gateway_harness.py runs: a venv of its own (its pins would
+# downgrade polars and rich in ours); the stamp names the pin, so a new pin reinstalls
+LITELLM_VENV    ?= .venv-litellm
+LITELLM_VERSION := 1.108.7
+LITELLM_STAMP   := $(LITELLM_VENV)/.installed-$(LITELLM_VERSION)
+
+.PHONY: install litellm run test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,12 +20,24 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+$(LITELLM_STAMP):
+	rm -rf $(LITELLM_VENV)
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	echo '*' > $(LITELLM_VENV)/.gitignore
+	$(LITELLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LITELLM_VENV)/bin/python -m pip install --quiet 'litellm[proxy]==$(LITELLM_VERSION)' \
+		'kafka-python>=3.0.12,<3.1'
+	touch $@
+
+## litellm: the LiteLLM proxy (with kafka-python, for finopsd's callback) in $(LITELLM_VENV)
+litellm: $(LITELLM_STAMP)
+
 ## run: start the daemon on the embedded default (a local Kafka-protocol broker, a DuckDB file)
 run: install
 	$(BIN)/finopsd run --config $(CONFIG)
 
 ## test: install, then run every test
-test: install
+test: install litellm
 	$(BIN)/python -m pytest -q
 
 lint: install
@@ -31,4 +49,4 @@ bench: install
 	$(BIN)/python bench/ingest.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LITELLM_VENV) build *.egg-info .pytest_cache .ruff_cache
