@@ -27,7 +27,7 @@ A new actuator is one module with a subclass of ``Actuator`` decorated with
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -74,12 +74,16 @@ class Plan:
 
 @dataclass(frozen=True)
 class PlanContext:
-    """What a plan may need to know besides the spec: the finding behind it."""
+    """What a plan may need to know besides the spec: the finding behind it, and
+    ``scope_share(models)``: the share of the recent requests to ``models`` (None: to
+    any model) that fall in the finding's scope (1.0: a change to those models touches
+    nothing else; None when there is no traffic to tell)."""
 
     finding_id: str
     scope: dict[str, Any]
     evidence: dict[str, Any]
     baseline_shares: dict[str, float] = field(default_factory=dict)
+    scope_share: Callable[[Sequence[str] | None], float | None] = lambda models: None
 
 
 class Actuator:

@@ -26,7 +26,7 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -137,7 +137,7 @@ class Controller:
         baseline = self._baseline(finding, spec)
         share = self._first_share(spec, self.settings.rule(spec.actuator, _tenant(finding)))
         return self.actuator_for(spec.actuator).plan(
-            _step_spec(spec, baseline, share), share, _context(finding, baseline)
+            _step_spec(spec, baseline, share), share, self._context(finding, baseline)
         )
 
     # -- requests from people -------------------------------------------------------------
@@ -247,7 +247,7 @@ class Controller:
         baseline = self._baseline(finding, spec)
         share = self._first_share(spec, rule)
         plan = self.actuator_for(spec.actuator).plan(
-            _step_spec(spec, baseline, share), share, _context(finding, baseline)
+            _step_spec(spec, baseline, share), share, self._context(finding, baseline)
         )
         action_id = "a-" + uuid.uuid4().hex[:12]
         target = _target_share(spec, baseline) if spec.actuator in TRAFFIC_KINDS else None
@@ -414,7 +414,7 @@ class Controller:
         actuator = self.actuator_for(spec.actuator)
         try:
             plan = actuator.plan(
-                _step_spec(spec, baseline, share), share, _context(finding, baseline)
+                _step_spec(spec, baseline, share), share, self._context(finding, baseline)
             )
         except ActuatorError as exc:
             if first:  # nothing changed yet
@@ -514,8 +514,9 @@ class Controller:
         plan = Plan.from_dict(_json(action["plan"]))
         actuator = self.actuator_for(action["actuator"])
         live = actuator.observe(plan, action["id"])
-        if live == "target":
-            return self._live(action, plan, {"reconciled": "the plan was live"})
+        if live in ("target", "base"):  # apply is idempotent: a reload not done is done now
+            log.info("action %s found applying, its %s live: applying again", action["id"], live)
+            return self._do_apply(action, plan)
         if live == "pending":
             if action["id"] not in self._resent:  # this process may not have sent it
                 self._resent.add(action["id"])
@@ -528,8 +529,6 @@ class Controller:
             self._roll_back(action, "controller", "the external controller refused the change")
             return True
         log.info("action %s found applying; the live target is its %s", action["id"], live)
-        if live == "base":
-            return self._do_apply(action, plan)
         self._move(
             action,
             State.FAILED,
@@ -856,6 +855,30 @@ class Controller:
             out["promised_quality"] = _promised_quality(finding, spec, out["shares"])
         return out
 
+    def _context(self, finding: dict[str, Any], baseline: dict[str, Any]) -> PlanContext:
+        spec = _spec(finding["action"]) if finding.get("action") else None
+        params = spec.params if spec is not None else {}
+        scope = params.get("scope") or params.get("match") or finding.get("scope") or {}
+        where, args = ledger.scope_filter({k: v for k, v in scope.items() if k != "model"})
+        since = self.clock() - timedelta(hours=self.settings.verify.baseline_hours)
+
+        def share(models: Sequence[str] | None) -> float | None:
+            on = "true" if models is None else "request_model IN (SELECT unnest(?::VARCHAR[]))"
+            row = (
+                self.store.cursor()
+                .execute(
+                    f"SELECT count(*), count(*) FILTER (WHERE {where}) FROM usage_events "
+                    f"WHERE ts >= ? AND {on}",
+                    [*args, since, *([list(models)] if models is not None else [])],
+                )
+                .fetchone()
+            )
+            if not row or not row[0]:
+                return None
+            return float(row[1]) / float(row[0])
+
+        return _context(finding, baseline, share)
+
     def _first_share(self, spec: ActionSpec, rule: PolicyRule) -> float | None:
         if spec.actuator not in TRAFFIC_KINDS:
             return None
@@ -954,12 +977,17 @@ def _promised_quality(
     return sum(w * float(q) for w, q in known) / sum(w for w, _ in known)
 
 
-def _context(finding: dict[str, Any], baseline: dict[str, Any]) -> PlanContext:
+def _context(
+    finding: dict[str, Any],
+    baseline: dict[str, Any],
+    share: Callable[[Sequence[str] | None], float | None] | None = None,
+) -> PlanContext:
     return PlanContext(
         finding_id=finding["id"],
         scope=dict(finding.get("scope") or {}),
         evidence=dict(finding.get("evidence") or {}),
         baseline_shares=dict(baseline.get("shares") or {}),
+        scope_share=share or (lambda models: None),
     )
 
 
