@@ -715,14 +715,40 @@ def test_litellm_cost_without_a_price_is_no_gateway_cost() -> None:
 def test_litellm_provider_prefix_is_split_off() -> None:
     """``openai/gpt-4o`` (a cache hit's model) is gpt-4o; with no custom_llm_provider the
     prefix names the provider."""
-    rows, _ = decode(LiteLLMDecoder(), [_mutated(model="openai/gpt-4o")])
+    rows, _ = decode(LiteLLMDecoder(), [_mutated(model="openai/gpt-4o", model_group=...)])
     (row,) = rows.values()
     assert (row["provider"], row["request_model"]) == ("openai", "gpt-4o")
     rows, _ = decode(
-        LiteLLMDecoder(), [_mutated(model="anthropic/claude-sonnet-4-5", custom_llm_provider=...)]
+        LiteLLMDecoder(),
+        [_mutated(model="anthropic/claude-sonnet-4-5", custom_llm_provider=..., model_group=...)],
     )
     (row,) = rows.values()
     assert (row["provider"], row["request_model"]) == ("anthropic", "claude-sonnet-4-5")
+
+
+def test_litellm_proxy_names_the_group_asked_for_and_the_deployment_that_answered() -> None:
+    """Through the proxy, ``model_group`` is what the caller asked for (the request
+    model) and ``model`` the deployment that served it; the proxy rewrites
+    ``response.model`` to the group, so the response model is the deployment's (and
+    the price is the deployment's). A caller's eval score in ``requester_metadata`` is
+    the request's quality."""
+    payload = sample_json("litellm_success.json")
+    payload["model_group"] = "chat-large"
+    payload["model"] = "openai/gpt-4o-mini"
+    payload["response"]["model"] = "chat-large"
+    payload["metadata"]["requester_metadata"] = {"quality_score": 0.83}
+    rows, rejects = decode(LiteLLMDecoder(), [json.dumps(payload).encode()])
+    assert not rejects
+    (row,) = rows.values()
+    assert (row["request_model"], row["response_model"]) == ("chat-large", "gpt-4o-mini")
+    assert row["quality_score"] == 0.83
+    payload["response"]["model"] = "gpt-4o-mini-2024-07-18"  # the provider's own name: kept
+    rows, _ = decode(LiteLLMDecoder(), [json.dumps(payload).encode()])
+    (row,) = rows.values()
+    assert row["response_model"] == "gpt-4o-mini-2024-07-18"
+    payload["metadata"]["requester_metadata"]["quality_score"] = 1.7
+    _rows, rejects = decode(LiteLLMDecoder(), [json.dumps(payload).encode()])
+    assert [r.reason for r in rejects] and "quality_score" in rejects[0].detail
 
 
 def test_litellm_failed_call_is_not_estimated_from_its_messages() -> None:

@@ -133,9 +133,10 @@ def test_requests_reach_upstream_and_kafka_as_usage_events(gateway: Gateway) -> 
         (served,) = gateway.small.served_for(prompt)
         assert call.key == event.event_id.encode()
         assert call.payload["model_group"] == "chat-small"
-        assert (event.provider, event.request_model) == ("openai", "gpt-4o-mini")
-        # LiteLLM writes the model group, not the upstream's model, as response.model
-        assert event.response_model == "chat-small"
+        # asked for: the model group; answered by: the deployment (LiteLLM writes the
+        # group as response.model, the deployment as model)
+        assert (event.provider, event.request_model) == ("openai", "chat-small")
+        assert event.response_model == "gpt-4o-mini"
         assert (event.input_tokens, event.output_tokens) == (
             served.prompt_tokens,
             SMALL_COMPLETION_TOKENS,
@@ -197,8 +198,9 @@ def test_weights_split_traffic_after_restart(gateway: Gateway) -> None:
     assert abs(a - n / 2) > tolerance, f"{a}:{b} looks like the unweighted 1:1"
 
     events = decode_calls(gateway.calls(run, n))
-    assert Counter(e.request_model for e in events) == {"gpt-4o": a, "gpt-4.1-mini": b}
-    tokens = {e.request_model: e.output_tokens for e in events}
+    assert Counter(e.response_model for e in events) == {"gpt-4o": a, "gpt-4.1-mini": b}
+    assert {e.request_model for e in events} == {"chat-split"}
+    tokens = {e.response_model: e.output_tokens for e in events}
     assert tokens == {"gpt-4o": 11, "gpt-4.1-mini": 5}
 
 
@@ -255,7 +257,8 @@ def test_failing_upstream_gives_failure_records(gateway: Gateway) -> None:
     assert {c.payload["status"] for c in calls} == {"failure"}
     for event in decode_calls(calls):
         assert (event.status, event.input_tokens, event.output_tokens) == ("error", 0, 0)
-        assert (event.provider, event.request_model) == ("openai", "gpt-4.1-nano")
+        assert (event.provider, event.request_model) == ("openai", "chat-flaky")
+        assert event.response_model == "gpt-4.1-nano"
         assert (event.tenant, event.app, event.feature) == ("globex", "batch-jobs", "extract")
         assert event.ttft_ms is None
 
@@ -302,7 +305,7 @@ def test_daemon_ingests_the_proxy_topic(
 
     with Store(setup.store, read_only=True) as store:
         cursor = store.cursor().execute(
-            "SELECT event_id, request_model, tenant, app, feature, input_tokens, "
+            "SELECT event_id, response_model, tenant, app, feature, input_tokens, "
             "output_tokens, status FROM usage_events"
         )
         stored = {r[0]: r[1:] for r in cursor.fetchall()}

@@ -16,8 +16,11 @@ ttft_ms                            ``completionStartTime - startTime`` (for a ca
                                    that did not stream, LiteLLM sets it to ``endTime``;
                                    none for a failed call)
 status                             "error" when ``status`` is "failure", else "ok"
-gen_ai.request.model               ``model``
-gen_ai.response.model              ``response.model``
+gen_ai.request.model               ``model_group`` (the proxy's model group: what the
+                                   caller asked for), else ``model``
+gen_ai.response.model              ``response.model``; where the proxy rewrote it to
+                                   the group (or it is missing), ``model`` (the
+                                   deployment that answered)
 gen_ai.provider.name               ``custom_llm_provider``
 gen_ai.usage.input_tokens          ``prompt_tokens`` (LiteLLM includes cached and
                                    cache-write tokens, as the GenAI conventions do)
@@ -38,6 +41,8 @@ team                               ``metadata.user_api_key_team_alias``, else
                                    ``metadata.user_api_key_team_id``
 app                                ``metadata.user_api_key_alias`` (the virtual key's alias)
 feature                            (none from the key)
+quality_score                      ``metadata.requester_metadata.quality_score`` (or
+                                   ``spend_logs_metadata``'s): an eval's score, 0..1
 =================================  ==================================================
 
 ``usage`` is the first object found of ``response.usage``,
@@ -159,6 +164,15 @@ def candidate(p: Mapping[str, Any], label: str) -> Candidate:
     response_model = None
     if isinstance(response, dict):
         response_model = optional_str(response, "model", "response.model")
+    # the proxy: model_group is what the caller asked for, model the deployment that
+    # answered (and response.model the group again, as the proxy rewrites it)
+    group = optional_str(p, "model_group", "model_group")
+    requested, requested_from = model, "model"
+    answered_from = "response.model"
+    if group:
+        requested, requested_from = group, "model_group"
+        if response_model is None or response_model == group:
+            response_model, answered_from = model, "model"
 
     input_tokens = optional_int(p, "prompt_tokens", "prompt_tokens")
     output_tokens = optional_int(p, "completion_tokens", "completion_tokens")
@@ -183,7 +197,7 @@ def candidate(p: Mapping[str, Any], label: str) -> Candidate:
     wire: dict[str, Any] = {
         "event_id": event_id,
         "ts": ts,
-        "gen_ai.request.model": model,
+        "gen_ai.request.model": requested,
         "gen_ai.response.model": response_model,
         "gen_ai.provider.name": optional_str(p, "custom_llm_provider", "custom_llm_provider"),
         "gen_ai.usage.input_tokens": input_tokens,
@@ -197,8 +211,8 @@ def candidate(p: Mapping[str, Any], label: str) -> Candidate:
         "ts": "startTime",
         "latency_ms": "endTime",
         "ttft_ms": "completionStartTime",
-        "gen_ai.request.model": "model",
-        "gen_ai.response.model": "response.model",
+        "gen_ai.request.model": requested_from,
+        "gen_ai.response.model": answered_from,
         "gen_ai.provider.name": "custom_llm_provider",
         "gen_ai.usage.input_tokens": "prompt_tokens",
         "gen_ai.usage.output_tokens": "completion_tokens",
@@ -218,6 +232,12 @@ def candidate(p: Mapping[str, Any], label: str) -> Candidate:
         found = tag_value(metadata, keys) or caller_tag(metadata, tag)
         if found is not None:
             wire[tag], sources[tag] = found
+    for name in CALLER_METADATA:  # an eval pipeline's score, sent with the request
+        holder = metadata.get(name)
+        if isinstance(holder, dict) and holder.get("quality_score") is not None:
+            wire["quality_score"] = holder["quality_score"]
+            sources["quality_score"] = f"metadata.{name}.quality_score"
+            break
     return Candidate(label, {k: v for k, v in wire.items() if v is not None}, sources)
 
 
