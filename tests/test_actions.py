@@ -195,7 +195,10 @@ def serve(
                 break
         counts[model] += 1
         q = mid_quality if model == "mid" else 0.95
-        rows.append(request(f"{tag}{i}", start + timedelta(minutes=i), model, q))
+        # as a gateway logs it: the model asked for, and the model that answered
+        row = request(f"{tag}{i}", start + timedelta(minutes=i), model, q)
+        row["request_model"], row["response_model"] = "big", model
+        rows.append(row)
     insert(store, rows)
     return counts
 
@@ -328,6 +331,8 @@ def test_errors_after_the_switch_roll_back(world: Any) -> None:
         request(f"x{i}", clock.now + timedelta(minutes=i), "mid", None, status="error")
         for i in range(60)
     ]
+    for row in rows:
+        row["request_model"], row["response_model"] = "big", "mid"
     insert(store, rows)
     clock.now += timedelta(minutes=100)
     c.tick()

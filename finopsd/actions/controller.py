@@ -96,7 +96,7 @@ class Controller:
         self.clock = clock
         self._lock = threading.RLock()
         self._fallback = Suggestion()
-        self._resent: set[str] = set()  # commands sent again since this process started
+        self._applied_here: set[str] = set()  # actions whose live step this process applied
 
     # -- reading ----------------------------------------------------------------------
 
@@ -450,6 +450,7 @@ class Controller:
             log.warning("action %s: apply failed: %s", action["id"], exc)
             self._roll_back(action, "controller", f"apply failed: {exc}")
             return True
+        self._applied_here.add(action["id"])
         return self._confirm(self.get(action["id"]), plan, detail)
 
     def _confirm(self, action: dict[str, Any], plan: Plan, detail: dict[str, Any]) -> bool:
@@ -458,7 +459,7 @@ class Controller:
         if live == "target":
             return self._live(action, plan, detail)
         if live == "pending":
-            self._resent.add(action["id"])
+            self._applied_here.add(action["id"])
             return self._wait_for_ack(action, plan)
         if live == "refused":
             self._roll_back(action, "controller", "the external controller refused the change")
@@ -514,12 +515,14 @@ class Controller:
         plan = Plan.from_dict(_json(action["plan"]))
         actuator = self.actuator_for(action["actuator"])
         live = actuator.observe(plan, action["id"])
+        if live == "target" and action["id"] in self._applied_here:
+            return self._live(action, plan, {})
         if live in ("target", "base"):  # apply is idempotent: a reload not done is done now
             log.info("action %s found applying, its %s live: applying again", action["id"], live)
             return self._do_apply(action, plan)
         if live == "pending":
-            if action["id"] not in self._resent:  # this process may not have sent it
-                self._resent.add(action["id"])
+            if action["id"] not in self._applied_here:  # this process may not have sent it
+                self._applied_here.add(action["id"])
                 try:
                     actuator.apply(plan, action["id"])  # the same command id: one command
                 except ActuatorError as exc:
@@ -608,19 +611,22 @@ class Controller:
             quality=v.max_quality_drop,
         )
         if spec.actuator in TRAFFIC_KINDS or spec.actuator == "gateway.cascade":
-            models = ledger.involved_models(spec.as_dict(), baseline.get("shares") or {})
-            moved = [m for m in models if m not in (baseline.get("shares") or {})] or models
-            base_where = f"{where} AND request_model IN (SELECT unnest(?::VARCHAR[]))"
-            before = self._sample(con, base_where, [*args, models], before_from, applied)
+            moved = _moved_models(spec, baseline, Plan.from_dict(_json(action["plan"])))
+            where, args = ledger.route_filter(scope)
+            served = f"{ledger.SERVED} IN (SELECT unnest(?::VARCHAR[]))"
+            before = self._sample(con, where, args, before_from, applied)
             touched = self._sample(
-                con, base_where, [*args, moved], started, self.clock(), cache_hits=False
+                con,
+                f"{where} AND {served}",
+                [*args, moved],
+                started,
+                self.clock(),
+                cache_hits=False,
             )
-            untouched_models = [m for m in models if m not in moved]
-            control = (
-                self._sample(con, base_where, [*args, untouched_models], started, self.clock())
-                if untouched_models
-                else None
+            rest = self._sample(
+                con, f"{where} AND NOT {served}", [*args, moved], started, self.clock()
             )
+            control = rest if rest.requests else None
             return judge(
                 touched,
                 before,
@@ -834,24 +840,20 @@ class Controller:
         scope = params.get("scope") or params.get("match") or finding["scope"]
         out: dict[str, Any] = {}
         if spec.actuator in TRAFFIC_KINDS or spec.actuator == "gateway.cascade":
-            where, args = ledger.scope_filter(scope)
-            if scope.get("model"):
-                where += " AND request_model = ?"
-                args.append(scope["model"])
+            where, args = ledger.route_filter(scope)
             since = self.clock() - timedelta(hours=self.settings.verify.baseline_hours)
-            rows = (
-                self.store.cursor()
-                .execute(
-                    f"SELECT request_model, count(*) FROM usage_events WHERE ts >= ? AND {where} "
+            con = self.store.cursor()
+            for key, column in (("shares", "request_model"), ("served", ledger.SERVED)):
+                rows = con.execute(
+                    f"SELECT {column}, count(*) FROM usage_events WHERE ts >= ? AND {where} "
                     "GROUP BY 1",
                     [since, *args],
-                )
-                .fetchall()
-            )
-            total = sum(n for _, n in rows) or 1
-            out["shares"] = {m: n / total for m, n in rows} or (
-                {scope["model"]: 1.0} if scope.get("model") else {}
-            )
+                ).fetchall()
+                total = sum(n for _, n in rows) or 1
+                out[key] = {m: n / total for m, n in rows}
+            if not out["shares"] and scope.get("model"):
+                out["shares"] = {scope["model"]: 1.0}
+            out["served"] = out["served"] or dict(out["shares"])
             out["promised_quality"] = _promised_quality(finding, spec, out["shares"])
         return out
 
@@ -957,6 +959,17 @@ def _step_spec(spec: ActionSpec, baseline: dict[str, Any], share: float | None) 
     params["weights"] = {m: w for m, w in sorted(step.items()) if w > 0}
     params["target_weights"] = dict(weights)
     return ActionSpec(spec.actuator, params)
+
+
+def _moved_models(spec: ActionSpec, baseline: dict[str, Any], plan: Plan) -> list[str]:
+    """The models (as events name the one that answered) a reroute sends traffic to that
+    had none of the scope's before: the touched requests are theirs."""
+    before = baseline.get("shares") or {}
+    served_as = plan.detail.get("served_as") or {}
+    weights = spec.params.get("weights") or {}
+    moved = [m for m, w in weights.items() if w > 0 and m not in before]
+    names = {served_as.get(m, m) for m in moved} | set(moved)
+    return sorted(names)
 
 
 def _promised_quality(

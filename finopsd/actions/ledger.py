@@ -12,10 +12,10 @@ the action:
   since the change, their cached and cache-write tokens priced as plain input.
   Exact, as above.
 - reroute and cascade (``gateway.route``, ``gateway.cascade``): the scope's requests
-  on the models involved since the change, each priced under every model of the
-  mix before the action, weighted by its share then. The interval is 95 % of a
-  normal approximation of the day's sum over the per-request differences (the mix
-  before is an expectation, not a replay).
+  (its tags and the model asked for) since the change, each priced as if served by
+  every model that served the scope before the action, weighted by its share then.
+  The interval is 95 % of a normal approximation of the day's sum over the
+  per-request differences (the mix before is an expectation, not a replay).
 
 Realised = counterfactual − actual. Other kinds are not measured here (their
 rows say so); projected savings of findings are never added to these.
@@ -79,17 +79,18 @@ def scope_filter(scope: Mapping[str, Any]) -> tuple[str, list[Any]]:
     return (" AND ".join(clauses) or "true"), params
 
 
-def involved_models(spec: Mapping[str, Any], baseline: Mapping[str, float]) -> list[str]:
-    """The models a reroute's scope covers: those before the action and those it routes to."""
-    p = spec.get("params") or {}
-    models = set(baseline)
-    models.update((p.get("weights") or {}).keys())
-    for key in ("first", "escalate_to"):
-        if p.get(key):
-            models.add(p[key])
-    if (p.get("match") or {}).get("model"):
-        models.add(p["match"]["model"])
-    return sorted(models)
+SERVED = "coalesce(response_model, request_model)"
+"""The model that answered a request (a gateway's group is its request model)."""
+
+
+def route_filter(scope: Mapping[str, Any]) -> tuple[str, list[Any]]:
+    """A reroute's scope: its tags and the model asked for (``scope['model']``), whichever
+    model the gateway then sent the request to (``SERVED``)."""
+    where, args = scope_filter(scope)
+    if scope.get("model"):
+        where += " AND request_model = ?"
+        args.append(scope["model"])
+    return where, args
 
 
 def compute(
@@ -120,9 +121,8 @@ def compute(
         args += [params["model"]] if params.get("model") else []
         method = "exact: cached and cache-write tokens priced as plain input"
     else:
-        models = involved_models(spec, shares)
-        where += " AND request_model IN (SELECT unnest(?::VARCHAR[]))"
-        args.append(models)
+        where, args = route_filter(scope)
+        shares = dict(baseline.get("served") or shares)
         method = "the same requests priced under the mix before the action (expected cost)"
         if not shares:
             return []

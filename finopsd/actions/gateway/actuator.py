@@ -116,6 +116,11 @@ class LiteLLMActuator(Actuator):
         except ConfigEditError as exc:
             return self._suggestion(spec, f"the gateway's config cannot take it: {exc}")
         state = litellm_config.read_state(edit.new_text)
+        detail: dict[str, Any] = {"groups": sorted(state.groups)}
+        if spec.actuator == "gateway.route":  # how events will name each model's answers
+            detail["served_as"] = {
+                m: _short(_deployment_model(state, m)) for m in spec.params.get("weights") or {}
+            }
         return Plan(
             backend=self.name,
             spec=spec.as_dict(),
@@ -125,7 +130,7 @@ class LiteLLMActuator(Actuator):
             share=share,
             base={"text": base},
             target={"text": edit.new_text},
-            detail={"groups": sorted(state.groups)},
+            detail=detail,
         )
 
     def _suggestion(self, spec: ActionSpec, why: str) -> Plan:
