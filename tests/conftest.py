@@ -12,6 +12,7 @@ it waited for, plus the tail of the daemon's log where there is one.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -116,8 +117,7 @@ def _toml_value(value: object) -> str:
             + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items())
             + " }"
         )
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    return json.dumps(str(value))  # a TOML basic string: JSON's escapes are TOML's
 
 
 def write_config(

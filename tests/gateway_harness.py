@@ -61,6 +61,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -476,15 +477,18 @@ class LiteLLMProxy:
         env.update(self.extra_env)
         return env
 
-    def start(self, timeout: float = 120.0) -> LiteLLMProxy:
-        """Write the config, start the proxy and wait until ``/health/readiness`` is 200.
+    def start(self, timeout: float = 120.0, *, write: bool = True) -> LiteLLMProxy:
+        """Write the config (unless ``write`` is False: start on config.yaml as it is, as
+        a service manager would after someone edited it), start the proxy and wait until
+        ``/health/readiness`` is 200.
 
         Fails (with the log's tail) if the process exits or is not ready in ``timeout`` s.
         """
         assert not self.alive, "the proxy already runs"
         if not self.binary.exists():
             pytest.skip(f"no LiteLLM proxy at {self.binary}: run `make litellm`")
-        self.write_config()
+        if write:
+            self.write_config()
         began = time.monotonic()
         with open(self.log_path, "ab") as out:
             out.write(f"--- start {self.starts + 1} ---\n".encode())
@@ -565,6 +569,64 @@ class LiteLLMProxy:
 
     def log_tail(self, chars: int = 4000) -> str:
         return f"--- tail of {self.log_path} ---\n{self.log_text()[-chars:]}"
+
+
+RELOAD_CLIENT = """
+import pathlib, sys, time, uuid
+requests = pathlib.Path(sys.argv[1])
+ask = uuid.uuid4().hex
+(requests / f"restart-{ask}").write_text("")
+done = requests / f"done-{ask}"
+deadline = time.monotonic() + float(sys.argv[2])
+while not done.exists():
+    if time.monotonic() > deadline:
+        sys.exit("the proxy was not restarted in time")
+    time.sleep(0.1)
+answer = done.read_text()
+if answer:
+    sys.exit(answer)
+"""
+"""``python -c RELOAD_CLIENT DIR TIMEOUT``: ask a ``ServiceManager`` watching DIR to restart
+its proxy and wait until it has (exit 1 with its error otherwise)."""
+
+
+class ServiceManager:
+    """Restarts one proxy on request, on its config.yaml as it is: the stand-in for
+    ``systemctl restart litellm`` that finopsd's reload command calls
+    (``reload_command()``). A thread watches ``directory`` for ``restart-<id>`` files and
+    answers each with ``done-<id>`` (empty: restarted and ready; else the error)."""
+
+    def __init__(self, proxy: LiteLLMProxy, directory: Path) -> None:
+        self.proxy = proxy
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="service-manager", daemon=True)
+
+    def reload_command(self, timeout_s: float = 120.0) -> list[str]:
+        return [sys.executable, "-c", RELOAD_CLIENT, str(self.directory), str(timeout_s)]
+
+    def start(self) -> ServiceManager:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.1):
+            for ask in sorted(self.directory.glob("restart-*")):
+                answer = ""
+                try:
+                    self.proxy.stop()
+                    self.proxy.start(write=False)
+                    self.restarts += 1
+                except BaseException as exc:  # pytest.fail raises a BaseException
+                    answer = f"restart failed: {exc}"[:2000] or "restart failed"
+                (self.directory / ask.name.replace("restart-", "done-")).write_text(answer)
+                ask.unlink()
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -754,6 +816,7 @@ __all__ = [
     "LiteLLMProxy",
     "LoggedCall",
     "Served",
+    "ServiceManager",
     "Upstream",
     "decode_calls",
     "deployment",
