@@ -751,6 +751,29 @@ def test_litellm_proxy_names_the_group_asked_for_and_the_deployment_that_answere
     assert [r.reason for r in rejects] and "quality_score" in rejects[0].detail
 
 
+def test_litellm_prompt_hash_is_the_same_for_the_same_messages_only() -> None:
+    """The response-cache analysis needs ``prompt_hash``: the same messages (whatever
+    the key order) hash alike, other messages do not, no messages give none."""
+    payload = sample_json("litellm_success.json")
+    payload["messages"] = [{"role": "user", "content": "what is the refund policy?"}]
+    same = json.loads(json.dumps(payload))
+    same["id"] = "other-call"
+    same["messages"] = [{"content": "what is the refund policy?", "role": "user"}]
+    other = json.loads(json.dumps(same))
+    other["id"] = "third-call"
+    other["messages"][0]["content"] = "what is the return policy?"
+    bare = json.loads(json.dumps(payload))
+    bare["id"] = "no-messages"
+    bare.pop("messages")
+    rows, rejects = decode(
+        LiteLLMDecoder(), [json.dumps(x).encode() for x in (payload, same, other, bare)]
+    )
+    assert not rejects
+    hashes = [r.get("prompt_hash") for r in rows.values()]
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 32
+    assert hashes[2] != hashes[0] and hashes[3] is None
+
+
 def test_litellm_failed_call_is_not_estimated_from_its_messages() -> None:
     """A failure payload with null counts and the request's messages: 0 tokens, as for a
     failed span; a success with the same payload is counted."""

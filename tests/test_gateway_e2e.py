@@ -126,6 +126,7 @@ def make_loop(
     policy: dict[str, Any],
     reload_command: Callable[[ServiceManager], list[str]] | None = None,
     router: dict[str, Any] | None = None,
+    analyzers: dict[str, Any] | None = None,
 ) -> Loop:
     strong = upstreams("gpt-4o", completion_tokens=COMPLETION_TOKENS)
     cheap = upstreams("gpt-4o-mini", completion_tokens=COMPLETION_TOKENS)
@@ -145,7 +146,12 @@ def make_loop(
     setup = make_config(
         "loop",
         ingest={"formats": {proxy.topic: "litellm"}},
-        analyzers={"first_run_delay_s": 86400, "min_evidence_hours": 0, "routing": ROUTING},
+        analyzers={
+            "first_run_delay_s": 86400,
+            "min_evidence_hours": 0,
+            "routing": ROUTING,
+            **(analyzers or {}),
+        },
         actions={
             "interval_s": 1,
             "policy": policy,
@@ -359,3 +365,59 @@ def test_a_daemon_killed_between_writing_and_recording_is_reconciled_once(
     assert prev == original  # not overwritten by a second write
     assert [a["to_state"] for a in done["audit"]].count("applying") == 1
     assert again.terminate() == 0
+
+
+def test_a_response_cache_turned_on_saves_what_its_hits_would_have_cost(
+    loop_parts: Callable[..., Loop],
+) -> None:
+    loop = loop_parts(
+        policy={"gateway.cache": {"mode": "auto", "min_confidence": 0.0, "min_monthly_usd": 0.0}},
+        analyzers={"caching": {"min_monthly_savings_usd": 0.0}},
+    )
+    prompts = [f"what is the refund policy for plan {i}?" for i in range(20)]
+
+    def repeat(rounds: int, tag: str) -> None:
+        before = loop.stored()
+        for _round in range(rounds):
+            for p in prompts:
+                response = send(loop.proxy, "gpt-4o-mini", p, tags=TAGS, metadata={"r": tag})
+                assert response.status_code == 200, response.text
+        n = rounds * len(prompts)
+        wait_for(lambda: loop.stored() >= before + n, timeout=60, what="stored")
+
+    repeat(5, "before")
+    assert loop.cheap.served == 100  # no cache yet: every repeat reached the model
+    ran = loop.api("POST", "/v1/analyze", {"only": ["caching"]})
+    kinds = [f["kind"] for f in ran["findings"]]
+    assert "caching.response_repeats" in kinds, kinds
+    wait_for(
+        lambda: [a["state"] for a in loop.actions()] == ["promoted"],
+        timeout=120,
+        what=f"the cache to be turned on: {[a['reason'] for a in loop.actions()]}",
+    )
+    (action,) = loop.actions()
+    state = litellm_config.read_state(loop.proxy.config_path.read_text())
+    assert state.cache.enabled and state.cache.type == "local"
+    assert loop.manager.restarts == 1
+    served_before = loop.cheap.served
+    repeat(3, "after")
+    assert loop.cheap.served - served_before == len(prompts)  # the first of each only
+    loop.wait_state(action["id"], {"verified"})
+    tokens = {s.prompt: s.prompt_tokens for s in loop.cheap.log}
+    hits = 2 * len(prompts)
+    expected = sum(2 * list_price("gpt-4o-mini", tokens[p], COMPLETION_TOKENS) for p in prompts)
+
+    def measured() -> dict[str, Any]:
+        rows = loop.api("GET", "/v1/actions/savings")["actions"]
+        return rows[0] if rows else {"requests": 0}
+
+    wait_for(
+        lambda: measured()["requests"] == hits,
+        timeout=60,
+        what=f"the ledger to count {hits} cache hits: {measured()}",
+    )
+    row = measured()
+    assert row["actual_usd"] == 0.0
+    assert row["saved_usd"] == pytest.approx(expected, rel=1e-6)
+    assert row["saved_low_usd"] == row["saved_high_usd"] == pytest.approx(row["saved_usd"])
+    assert loop.daemon.terminate() == 0

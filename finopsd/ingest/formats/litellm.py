@@ -41,6 +41,8 @@ team                               ``metadata.user_api_key_team_alias``, else
                                    ``metadata.user_api_key_team_id``
 app                                ``metadata.user_api_key_alias`` (the virtual key's alias)
 feature                            (none from the key)
+prompt_hash                        SHA-256 of ``messages`` as canonical JSON (none when
+                                   LiteLLM does not log them)
 quality_score                      ``metadata.requester_metadata.quality_score`` (or
                                    ``spend_logs_metadata``'s): an eval's score, 0..1
 =================================  ==================================================
@@ -66,6 +68,8 @@ hit or a failed call): ``UsageEvent`` applies ``finopsd.providers.split_provider
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -232,6 +236,9 @@ def candidate(p: Mapping[str, Any], label: str) -> Candidate:
         found = tag_value(metadata, keys) or caller_tag(metadata, tag)
         if found is not None:
             wire[tag], sources[tag] = found
+    digest = prompt_digest(p.get("messages"))
+    if digest is not None:
+        wire["prompt_hash"], sources["prompt_hash"] = digest, "messages"
     for name in CALLER_METADATA:  # an eval pipeline's score, sent with the request
         holder = metadata.get(name)
         if isinstance(holder, dict) and holder.get("quality_score") is not None:
@@ -306,6 +313,19 @@ def caller_tag(metadata: Mapping[str, Any], tag: str) -> tuple[str, str] | None:
             if isinstance(value, str) and value:
                 return value, f"metadata.{name}.{tag}"
     return None
+
+
+def prompt_digest(messages: Any) -> str | None:
+    """``prompt_hash``: SHA-256 (hex, 32 characters) of the messages as canonical JSON
+    (keys sorted, no spaces); None without messages (LiteLLM may be told not to log
+    them). Two requests with the same prompt have the same hash, whoever sent them."""
+    if not messages:
+        return None
+    try:
+        text = json.dumps(messages, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError):
+        return None
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def count_prompt(messages: Any, model: str) -> int | None:
