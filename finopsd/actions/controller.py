@@ -703,12 +703,22 @@ class Controller:
 
     def _update_ledger(self) -> None:
         con = self.store.cursor()
+        recorded = dict(
+            con.execute("SELECT action_id, max(day) FROM savings_ledger GROUP BY 1").fetchall()
+        )
         days: list[ledger.LedgerDay] = []
         for action in self.list():
             if action["applied_at"] is None:
                 continue
+            last = recorded.get(action["id"])  # days before it are final; it may not be
+            ended = action["ended_at"]
+            if ended is not None and (
+                (last is not None and last >= ended.astimezone(UTC).date())
+                or (last is None and self.clock() - ended > timedelta(days=2))
+            ):
+                continue  # over, and recorded to its end (or it touched nothing)
             try:
-                days += ledger.compute(con, self.prices, action, now=self.clock())
+                days += ledger.compute(con, self.prices, action, now=self.clock(), since=last)
             except Exception as exc:
                 log.warning("savings of action %s not computed: %s", action["id"], exc)
         if days:

@@ -99,14 +99,18 @@ def compute(
     action: Mapping[str, Any],
     *,
     now: datetime | None = None,
+    since: date | None = None,
 ) -> list[LedgerDay]:
     """The ledger days of one action (a row of ``actions`` as a dict), from its first
-    change to its end (or ``now``)."""
+    change (or from the UTC day ``since``, when the days before are recorded already)
+    to its end (or ``now``)."""
     spec = _json(action["spec"])
     kind = spec["actuator"]
     start = action.get("applied_at")
     if start is None or kind not in MEASURED:
         return []
+    if since is not None:
+        start = max(start, datetime(since.year, since.month, since.day, tzinfo=UTC))
     end = action.get("ended_at") or now or datetime.now(UTC)
     params = spec.get("params") or {}
     scope = params.get("scope") or params.get("match") or _json(action["scope"])
