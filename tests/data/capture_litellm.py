@@ -141,7 +141,8 @@ def main() -> int:
         await run_async()
         deadline = time.monotonic() + 60  # the loop stays up while the async hooks send
         while set(records) != set(SCENARIOS) and time.monotonic() < deadline:
-            recipe.handler.producer.flush()
+            if recipe.handler.producer is not None:  # made on the first record's way
+                recipe.handler.producer.flush()
             batches = await asyncio.to_thread(consumer.poll, 500)
             for batch in batches.values():
                 for record in batch:
