@@ -38,9 +38,9 @@ the newest whose ``proxy`` extra resolved from the package index when it was cho
 - the request body's ``metadata`` arrives as ``metadata.requester_metadata``, the
   body's ``user`` as ``end_user``, its ``tags`` in ``request_tags`` (beside two
   ``User-Agent: ...`` tags LiteLLM adds);
-- the recipe builds its ``KafkaProducer`` when the proxy loads it: with Kafka
-  unreachable, that raises after kafka-python's 30 s bootstrap timeout and the
-  proxy exits ("Application startup failed").
+- the recipe connects to Kafka on first use, from a thread of its own: the proxy
+  starts and serves with Kafka away, dropping records until it answers
+  (tests/test_litellm_recipe.py).
 
 Tests get the fixtures (``upstreams``, ``litellm_proxy``) with
 ``pytest_plugins = ("gateway_harness",)``, after
