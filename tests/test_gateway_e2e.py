@@ -90,11 +90,20 @@ class Loop:
         return self.api("GET", f"/v1/actions/{action_id}")
 
     def wait_state(self, action_id: str, states: set[str], timeout: float = 120) -> dict[str, Any]:
+        def now() -> str:
+            a = self.action(action_id)
+            return (
+                f"now {a['state']}: {a['reason']}\nverdict: {a['verdict']}\n"
+                f"served: strong {self.strong.served}, cheap {self.cheap.served} "
+                f"({self.cheap.failed} failed)\n{self.daemon.log_tail(2000)}"
+            )
+
         wait_for(
             lambda: self.action(action_id)["state"] in states,
             timeout=timeout,
-            what=f"action {action_id} to reach {states}: {self.action(action_id)['reason']}",
+            what=f"action {action_id} to reach {states}",
             interval=0.5,
+            context=now,
         )
         return self.action(action_id)
 
@@ -246,7 +255,7 @@ def test_a_reroute_goes_live_in_steps_and_its_saving_is_measured(
     )
     # each step's traffic is sent with the action paused, so that no restart drops it
     cheap_before, strong_before = loop.cheap.served, loop.strong.served
-    n = loop.paused_drive(action["id"], 300, "gpt-4o", "canary")
+    n = loop.paused_drive(action["id"], 400, "gpt-4o", "canary")
     moved = loop.cheap.served - cheap_before
     assert moved + loop.strong.served - strong_before == n
     assert abs(moved - 0.1 * n) <= 4 * math.sqrt(n * 0.1 * 0.9), moved  # the split moved
@@ -311,7 +320,7 @@ def test_a_failing_cheap_upstream_is_rolled_back_to_the_original_bytes(
     loop.api("POST", f"/v1/actions/{action['id']}/approve", {"actor": "U024BE7LH"})
     loop.wait_state(action["id"], {"canary"})
     loop.cheap.fail(500)
-    loop.paused_drive(action["id"], 300, "gpt-4o", "after")
+    loop.paused_drive(action["id"], 400, "gpt-4o", "after")
     done = loop.wait_state(action["id"], {"rolled_back"})
     assert "regression" in done["reason"] and "error rate" in done["reason"]
     assert loop.proxy.config_path.read_text() == original
