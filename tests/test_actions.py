@@ -540,3 +540,42 @@ def test_response_cache_savings_are_the_hits_at_full_price(tmp_path: Path) -> No
     assert day.requests == 40 and day.actual_usd == 0.0
     assert day.counterfactual_usd == pytest.approx(40 * cost("big"))
     assert day.saved_low_usd == day.saved_high_usd == pytest.approx(day.saved_usd)
+
+
+def test_a_few_failures_fail_a_canary_before_min_requests(world: Any) -> None:
+    """A gateway that takes a failing deployment out of its picks leaves few touched
+    requests: 6 of 6 failing already fail the step (min_requests is 50)."""
+    store, routes, sink, clock = world
+    c = controller(store, routes, sink, clock, settings())
+    c.tick()
+    (action,) = c.list()
+    clock.now += timedelta(minutes=1)
+    rows = [
+        request(f"few{i}", clock.now + timedelta(minutes=i), "mid", None, status="error")
+        for i in range(6)
+    ]
+    for row in rows:
+        row["request_model"], row["response_model"] = "big", "mid"
+    insert(store, rows)
+    clock.now += timedelta(minutes=10)
+    c.tick()
+    action = c.get(action["id"])
+    assert action["state"] == State.ROLLED_BACK, action["reason"]
+    assert "error rate 100.0% of 6 touched requests" in action["reason"]
+    # one failure in six is no evidence either way: the canary waits
+    store.write(lambda con: con.execute("DELETE FROM actions"))
+    routes.path.unlink()
+    c = controller(store, routes, sink, clock, settings())
+    c.tick()
+    (action,) = [a for a in c.list() if a["state"] == State.CANARY]
+    clock.now += timedelta(minutes=1)
+    rows = [
+        request(f"one{i}", clock.now + timedelta(minutes=i), "mid", 0.88, status=s)
+        for i, s in enumerate(["error", "ok", "ok", "ok", "ok", "ok"])
+    ]
+    for row in rows:
+        row["request_model"], row["response_model"] = "big", "mid"
+    insert(store, rows)
+    clock.now += timedelta(minutes=10)
+    c.tick()
+    assert c.get(action["id"])["state"] == State.CANARY

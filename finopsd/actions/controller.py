@@ -548,7 +548,7 @@ class Controller:
         if started is None:
             return False
         verdict = self._judge(action)
-        if verdict.touched_requests < v.min_requests:
+        if verdict.touched_requests < v.min_requests and not verdict.reasons:
             waited = (now - started) / timedelta(hours=1)
             if action["state"] == State.CANARY and waited >= v.max_wait_hours:
                 self._roll_back(

@@ -18,7 +18,9 @@ by untouched traffic where some runs in those hours (ratios for latency and cost
 differences for rates): a change of the whole day's traffic (seasonality, an
 incident) moves both and is not blamed on the action. A regression on any metric
 fails the step; a metric without enough samples on either side is not judged and
-says so.
+says so — except that errors can fail a step early: a handful of touched requests
+that mostly fail already reject "no worse than tolerated" at ``confidence`` (a
+gateway that takes a failing deployment out of its picks leaves few to count).
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def judge(
 def _errors(
     t: Sample, b: Sample, tol: Tolerances, alpha: float, cb: Sample | None, ca: Sample | None
 ) -> Check:
-    if t.requests < tol.min_samples or b.requests < tol.min_samples:
+    if t.requests == 0 or b.requests < tol.min_samples:
         return _unjudged("error rate", t.requests, b.requests, tol)
     ref = float(b.errors.mean())
     if cb is not None and ca is not None:
@@ -146,6 +148,8 @@ def _errors(
     k, n = int(t.errors.sum()), t.requests
     p = 1.0 if bar >= 1.0 else float(stats.binomtest(k, n, bar, alternative="greater").pvalue)
     regressed = p < alpha
+    if n < tol.min_samples and not regressed:  # a few requests can show a failure, not health
+        return _unjudged("error rate", t.requests, b.requests, tol)
     return Check(
         "error rate",
         True,
