@@ -579,3 +579,16 @@ def test_a_few_failures_fail_a_canary_before_min_requests(world: Any) -> None:
     clock.now += timedelta(minutes=10)
     c.tick()
     assert c.get(action["id"])["state"] == State.CANARY
+
+
+def test_a_suggestion_goes_ahead_once_its_policy_becomes_auto(world: Any) -> None:
+    store, routes, sink, clock = world
+    c = controller(store, routes, sink, clock, settings(mode="suggest"))
+    c.tick()
+    (action,) = c.list()
+    assert action["state"] == State.PROPOSED and action["mode"] == "suggest"
+    c = controller(store, routes, sink, clock, settings(mode="auto"))
+    c.tick()
+    action = c.get(action["id"])
+    assert action["state"] == State.CANARY and action["mode"] == "auto"
+    assert routes.writes == 1

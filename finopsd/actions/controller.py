@@ -312,10 +312,13 @@ class Controller:
         decision = self._decision(action, rule)
         if decision is None:
             return
+        mode = rule.mode if Plan.from_dict(_json(action["plan"])).expressible else "suggest"
         if decision.state == State.PROPOSED:
-            if decision.reason != action["reason"]:
-                self._update(action, reason=decision.reason)
+            if decision.reason != action["reason"] or mode != action["mode"]:
+                self._update(action, reason=decision.reason, mode=mode)
             return
+        if mode != action["mode"]:
+            self._update(action, mode=mode)
         extra: dict[str, Any] = {}
         if decision.state == State.AWAITING_APPROVAL:
             extra["expires_at"] = self.clock() + timedelta(
@@ -372,7 +375,7 @@ class Controller:
                 )
             elif action["finding_id"] not in open_ids:
                 self._move(action, State.SUPPRESSED, "controller", "its finding is no longer open")
-            elif state == State.PROPOSED and action["mode"] != "suggest" and not action["paused"]:
+            elif state == State.PROPOSED and not action["paused"]:
                 self._decide(action)  # policy, limits or the kill switch may have changed
 
     # -- driving live actions -------------------------------------------------------------------
