@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Mapping
@@ -397,6 +398,127 @@ class ActionsSettings(_Section):
         return PolicyRule.model_validate(merged)
 
 
+SLACK_USER_ID = re.compile(r"^[UW][A-Z0-9]{2,20}$")
+"""A Slack user id: ``U…`` (a workspace's) or ``W…`` (an Enterprise Grid org's)."""
+SLACK_POST_STATES = (
+    "awaiting_approval",
+    "approved",
+    "rejected",
+    "expired",
+    "canary",
+    "promoted",
+    "verified",
+    "rolled_back",
+    "failed",
+)
+
+
+def _list_from_env(value: Any) -> Any:
+    """The environment gives a string: a JSON array, or names separated by commas."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return json.loads(text)
+            except ValueError:
+                raise ValueError('expected a JSON array, e.g. ["U024BE7LH"]') from None
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class SlackSettings(_Section):
+    """``[slack]``: actions announced in a Slack channel, approved or rejected there."""
+
+    enabled: bool = Field(False, description="post actions to Slack and take approvals from it")
+    webhook_url: SecretStr | None = Field(
+        None, description="the incoming webhook's URL (FINOPSD_SLACK__WEBHOOK_URL); or a file"
+    )
+    webhook_url_file: Path | None = Field(None, description="a file holding the webhook's URL")
+    signing_secret: SecretStr | None = Field(
+        None, description="the app's signing secret (FINOPSD_SLACK__SIGNING_SECRET); or a file"
+    )
+    signing_secret_file: Path | None = Field(None, description="a file holding the secret")
+    approvers: list[str] = Field(
+        default_factory=list, description="Slack user ids (U…, W…) who may approve or reject"
+    )
+    api_base_url: str | None = Field(
+        None, description="the API as people reach it, for links (e.g. https://finopsd.example)"
+    )
+    post_states: list[str] = Field(
+        default_factory=lambda: list(SLACK_POST_STATES),
+        description="the states whose transitions are posted (awaiting_approval: the approval)",
+    )
+    timeout_s: float = Field(10, gt=0, le=120, description="each request to Slack")
+
+    @field_validator("approvers", "post_states", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        """FINOPSD_SLACK__APPROVERS='U024BE7LH,W0123ABCD' (or a JSON array)."""
+        return _list_from_env(value)
+
+    @field_validator("approvers")
+    @classmethod
+    def _user_ids(cls, approvers: list[str]) -> list[str]:
+        for user in approvers:
+            if not SLACK_USER_ID.match(user):
+                raise ValueError(
+                    f"{user!r} is not a Slack user id (U… or W…, as in a profile's "
+                    '"Copy member ID"), e.g. U024BE7LH'
+                )
+        return approvers
+
+    @field_validator("post_states")
+    @classmethod
+    def _states(cls, states: list[str]) -> list[str]:
+        from finopsd.actions.lifecycle import State
+
+        known = [s.value for s in State]
+        for state in states:
+            if state not in known:
+                raise ValueError(f"unknown state {state!r}{_suggest(state, known)}")
+        return states
+
+    @field_validator("api_base_url")
+    @classmethod
+    def _base_url(cls, url: str | None) -> str | None:
+        if url is None:
+            return None
+        if not re.match(r"^https?://[^\s/?#]+(/[^\s?#]*)?$", url):
+            raise ValueError("expected an http(s) URL without query, e.g. https://finopsd.example")
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _sources(self) -> SlackSettings:
+        for key in ("webhook_url", "signing_secret"):
+            if getattr(self, key) is not None and getattr(self, f"{key}_file") is not None:
+                raise ValueError(f"set {key} or {key}_file, not both")
+        if not self.enabled:
+            return self
+        for key in ("webhook_url", "signing_secret"):
+            if getattr(self, key) is None and getattr(self, f"{key}_file") is None:
+                env = f"{ENV_PREFIX}SLACK__{key.upper()}"
+                raise ValueError(f"enabled: needs {key}_file or {key} ({env})")
+        if not self.approvers:
+            raise ValueError("enabled: approvers is empty; no one could approve from Slack")
+        return self
+
+    def webhook_url_value(self) -> str | None:
+        """The incoming webhook's URL (from the environment/config, else its file)."""
+        return _secret(self.webhook_url, self.webhook_url_file)
+
+    def signing_secret_value(self) -> str | None:
+        """The signing secret (from the environment/config, else its file)."""
+        return _secret(self.signing_secret, self.signing_secret_file)
+
+
+def _secret(value: SecretStr | None, file: Path | None) -> str | None:
+    if value is not None:
+        return value.get_secret_value().strip() or None
+    if file is not None:
+        return file.read_text().strip() or None
+    return None
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -463,6 +585,7 @@ class Settings(_Section):
     analyzers: AnalyzersSettings = AnalyzersSettings()
     api: ApiSettings = ApiSettings()
     actions: ActionsSettings = ActionsSettings()
+    slack: SlackSettings = SlackSettings()
     log: LogSettings = LogSettings()
 
     def redacted(self) -> dict[str, Any]:
@@ -511,6 +634,13 @@ def _member_type(owner: Any, part: str | None) -> Any:
     return None
 
 
+def _secret_key(key: str) -> bool:
+    """A key whose value is never shown in an error: a password, secret, token or webhook URL."""
+    if key.endswith("_file"):
+        return False
+    return any(word in key for word in ("password", "secret", "token", "webhook_url"))
+
+
 def _format(error: ValidationError, data: Mapping[str, Any], origin: Mapping[tuple, str]) -> str:
     lines = []
     for err in error.errors(include_url=False):
@@ -530,8 +660,8 @@ def _format(error: ValidationError, data: Mapping[str, Any], origin: Mapping[tup
         for part in loc:
             value = value.get(part) if isinstance(value, Mapping) else None
         if isinstance(value, Mapping):
-            value = {k: "**********" if "password" in k else v for k, v in value.items()}
-        shown = "" if value is None or "password" in key else f" (got {value!r})"
+            value = {k: "**********" if _secret_key(k) else v for k, v in value.items()}
+        shown = "" if value is None or _secret_key(loc[-1]) else f" (got {value!r})"
         msg = err["msg"].removeprefix("Value error, ")
         lines.append(f"{key}: {msg}{shown}{where}")
     return "\n".join(lines)
@@ -608,6 +738,7 @@ def _check_files(settings: Settings, prefix: str) -> None:
     _check_writable(settings.store.path, "store.path", "the store's file", prefix)
     _check_api(settings, prefix)
     _check_gateway(settings, prefix)
+    _check_slack(settings, prefix)
     log_file = settings.embedded_broker.log_file
     if k.embedded and log_file is not None:
         _check_writable(log_file, "embedded_broker.log_file", "a file", prefix)
@@ -687,6 +818,40 @@ def _check_gateway(settings: Settings, prefix: str) -> None:
             raise ConfigError(f"{key}.master_key_file: {g.master_key_file} is not UTF-8") from None
 
 
+def _check_slack(settings: Settings, prefix: str) -> None:
+    """Slack's files are readable and hold a URL and a secret (neither is ever shown)."""
+    from urllib.parse import urlsplit
+
+    sl = settings.slack
+    if not sl.enabled:
+        return
+    if not settings.api.enabled:
+        raise ConfigError(
+            f"{prefix}slack.enabled: needs api.enabled (Slack's clicks come to the API's "
+            "POST /v1/slack/interactions)"
+        )
+    for key in ("webhook_url_file", "signing_secret_file"):
+        file = getattr(sl, key)
+        if file is None:
+            continue
+        try:
+            text = Path(file).read_bytes().decode()
+        except OSError as exc:
+            raise ConfigError(f"{prefix}slack.{key}: cannot read {file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{prefix}slack.{key}: {file} is not UTF-8 text") from None
+        if not text.strip():
+            raise ConfigError(f"{prefix}slack.{key}: {file} is empty")
+    url = sl.webhook_url_value() or ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or any(c.isspace() for c in url):
+        where = "webhook_url_file" if sl.webhook_url_file is not None else "webhook_url"
+        raise ConfigError(
+            f"{prefix}slack.{where}: not an http(s) URL (an incoming webhook's URL looks like "
+            "https://hooks.slack.com/services/T…/B…/…)"
+        )
+
+
 def _check_writable(file: Path, key: str, what: str, prefix: str) -> None:
     """``file`` can be written, its missing parent directories created."""
     if file.is_dir():
@@ -739,8 +904,15 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         }
     )
     actions = settings.actions.model_copy(update={"gateway": gateway})
+    slack = settings.slack.model_copy(
+        update={
+            "webhook_url_file": resolve(settings.slack.webhook_url_file),
+            "signing_secret_file": resolve(settings.slack.signing_secret_file),
+        }
+    )
     return settings.model_copy(
         update={
+            "slack": slack,
             "store": store,
             "embedded_broker": broker,
             "kafka": kafka,
