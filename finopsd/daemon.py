@@ -357,8 +357,19 @@ class Daemon:
             s.actions.command.ack_topic,
         )
         actuators = build_actuators(s, send_command=commands.send, ack_reader=acks)
-        controller = Controller(store, s.actions, prices, actuators, events=events)
-        return ControllerService(controller, s.actions.interval_s, [events, commands, acks])
+        closers: list[Any] = [events, commands, acks]
+        sink: Any = events
+        notifier = None
+        if s.slack.enabled:  # each transition to Slack too; Kafka's answer is the outbox's
+            from finopsd.actions.slack import SlackNotifier, TeeEvents
+
+            notifier = SlackNotifier(s.slack, store)
+            sink = TeeEvents(events, notifier)
+            closers.append(notifier)
+        controller = Controller(store, s.actions, prices, actuators, events=sink)
+        if notifier is not None:
+            notifier.attach(controller)
+        return ControllerService(controller, s.actions.interval_s, closers)
 
     def _make_api(
         self,

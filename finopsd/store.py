@@ -26,7 +26,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from finopsd.actions.schema import ACTIONS_TABLES
+from finopsd.actions.schema import ACTIONS_TABLES, SLACK_TABLES
 
 log = logging.getLogger(__name__)
 
@@ -569,6 +569,7 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     ("actions: their state, the audit trail, the savings ledger", ACTIONS_TABLES),
+    ("slack: the messages posted about actions", SLACK_TABLES),
 ]
 """Schema migrations, applied in order; a migration's version is its position + 1.
 Never edit a released migration: append a new one.

@@ -8,6 +8,10 @@
   ``seq`` and can drop a repeat).
 - ``savings_ledger``: per action and UTC day, what the touched requests cost and what
   the same requests would have cost under the configuration before the action.
+- ``slack_messages`` (``SLACK_TABLES``, a later migration): what was posted to Slack about
+  each action, and whether Slack took it (``finopsd.actions.slack``): the announcement of
+  a transition (``audit_seq``, so a transition the outbox sends again is not posted twice)
+  and the answers to clicks (``slack_user``).
 """
 
 ACTIONS_TABLES = """
@@ -68,5 +72,18 @@ CREATE TABLE savings_ledger (
     method VARCHAR NOT NULL,
     computed_at TIMESTAMPTZ NOT NULL,
     PRIMARY KEY (action_id, day)
+);
+"""
+
+SLACK_TABLES = """
+CREATE TABLE slack_messages (
+    action_id VARCHAR NOT NULL,
+    audit_seq BIGINT,                 -- the transition announced; NULL: an answer to a click
+    kind VARCHAR NOT NULL,            -- approval | update | decision | refusal
+    via VARCHAR NOT NULL,             -- webhook | response_url
+    slack_user VARCHAR,               -- who clicked (answers to a click)
+    posted_at TIMESTAMPTZ NOT NULL,
+    ok BOOLEAN NOT NULL,              -- Slack took it
+    error VARCHAR                     -- why not (never the URL)
 );
 """

@@ -4,6 +4,8 @@ Auth: ``Authorization: Bearer <token>``, compared in constant time. Every ``/v1`
 endpoint needs it for writes (``POST``); reads (``GET /v1/...``, ``/metrics``) need
 it unless ``api.public_reads``. ``/healthz``, ``/readyz``, ``/openapi.json`` and
 ``/docs`` never do. A refused request answers 401 and changes nothing.
+``POST /v1/slack/interactions`` is Slack's: authenticated by Slack's request signature
+instead of the token (``finopsd.api.slack``).
 
 Request ids: a request's ``X-Request-ID`` (up to 64 safe characters) or a new one
 is echoed in the response and set in ``finopsd.logctx.REQUEST_ID`` for its
@@ -26,7 +28,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from finopsd.api import actions, analyze, export, findings, metrics, probes, stats
+from finopsd.api import actions, analyze, export, findings, metrics, probes, slack, stats
 from finopsd.api.state import ServiceState
 from finopsd.logctx import REQUEST_ID
 from finopsd.store import StoreUnavailable
@@ -86,6 +88,8 @@ def create_app(state: ServiceState, token: str) -> FastAPI:
     app.include_router(analyze.router, dependencies=[Depends(auth.write)])
     app.include_router(actions.reads, dependencies=reads)
     app.include_router(actions.writes, dependencies=[Depends(auth.write)])
+    app.state.slack = slack.Interactions.from_settings(state.settings.slack)
+    app.include_router(slack.router)  # signed by Slack: no bearer token
 
     @app.middleware("http")
     async def request_id(
