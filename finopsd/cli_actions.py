@@ -131,9 +131,10 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     print(f"  state      {out['state']}{' (paused)' if out['paused'] else ''}: {out['reason']}")
     print(
         f"  projected  {_money(out['monthly_savings_usd'])}/month "
-        f"({_money(out['monthly_savings_low_usd'])}–{_money(out['monthly_savings_high_usd'])}; "
-        f"confidence {out['confidence']:.2f}) — a projection, not a saving"
+        f"({_money(out['monthly_savings_low_usd'])}–{_money(out['monthly_savings_high_usd'])}), "
+        f"confidence {out['confidence']:.2f}"
     )
+    print("             (a projection from the finding, not a saving)")
     if out.get("share") is not None:
         print(
             f"  traffic    {out['share']:.0%} moved of {out['target_share']:.0%} "
@@ -150,11 +151,11 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         print(textwrap.indent(plan["diff"].rstrip("\n"), "    "))
     print("  audit")
     for row in out["audit"]:
-        line = (
-            f"    {row['occurred_at'][:19]}Z {row['from_state'] or '-':>17} → "
-            f"{row['to_state']:<17} {row['actor']}: {row['reason']}"
-        )
-        print(line if len(line) <= width else line[: width - 1] + "…")
+        when = row["occurred_at"][:19].replace("T", " ")
+        move = f"{row['from_state'] or '-'} → {row['to_state']}"
+        print(f"    {when}  {move}  ({row['actor']})")
+        for line in textwrap.wrap(row["reason"], width - 8) or [""]:
+            print(f"        {line}")
     return 0
 
 
@@ -168,9 +169,12 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps(out))
         return 0
-    print(f"{out['spec']['actuator']} through {out['backend']}: {out['description']}")
+    width = _width()
+    head = f"{out['spec']['actuator']} through {out['backend']}: {out['description']}"
+    print("\n  ".join(textwrap.wrap(head, width)))
     if not out["expressible"]:
-        print(f"  not carried out by finopsd: {out['reason']}")
+        why = f"not carried out by finopsd: {out['reason']}"
+        print("  " + "\n  ".join(textwrap.wrap(why, width - 2)))
     if out.get("share") is not None:
         print(f"  first step: {out['share']:.0%} of the scope's traffic")
     print(out["diff"].rstrip("\n") if out.get("diff") else "  (no change to show)")

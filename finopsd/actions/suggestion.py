@@ -49,8 +49,17 @@ def todo(spec: ActionSpec) -> str:
         return f"cap {p.get('tenant')}'s spend at ${cap}/{per} in the gateway"
     if kind == "gateway.cache":
         return f"enable the gateway's {p.get('mode')} cache for {_scope(p.get('scope') or p)}"
-    if kind in ("gateway.route", "gateway.cascade"):
-        return f"change routing for {_scope(p.get('match') or p)} as planned: {p}"
+    if kind == "gateway.route":
+        weights = p.get("target_weights") or p.get("weights") or {}
+        total = sum(weights.values()) or 1.0
+        split = ", ".join(f"{w / total:.0%} to {m}" for m, w in sorted(weights.items()) if w)
+        return f"route {_scope(p.get('match') or p)}: {split}"
+    if kind == "gateway.cascade":
+        return (
+            f"for {_scope(p.get('match') or p)}, try {p.get('first')} first and escalate "
+            f"to {p.get('escalate_to')} on errors or a quality below "
+            f"{p.get('quality_threshold')}"
+        )
     if kind == "gateway.max_tokens":
         return (
             f"cap {p.get('app')}/{p.get('feature')} prompts at "
