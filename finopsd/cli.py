@@ -806,6 +806,9 @@ not in --format exits 2.""",
     from finopsd.cli_actions import add_parsers as add_actions_parsers
 
     add_actions_parsers(sub, common, _settings)
+    from finopsd.cli_report import add_parsers as add_report_parsers
+
+    add_report_parsers(sub, common, _settings)
     return parser
 
 

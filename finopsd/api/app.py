@@ -28,7 +28,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from finopsd.api import actions, analyze, export, findings, metrics, probes, slack, stats
+from finopsd.api import actions, analyze, export, findings, metrics, probes, reports, slack, stats
 from finopsd.api.state import ServiceState
 from finopsd.logctx import REQUEST_ID
 from finopsd.store import StoreUnavailable
@@ -86,6 +86,7 @@ def create_app(state: ServiceState, token: str) -> FastAPI:
     app.include_router(findings.router, dependencies=reads)
     app.include_router(export.router, dependencies=reads)
     app.include_router(analyze.router, dependencies=[Depends(auth.write)])
+    app.include_router(reports.router, dependencies=reads)
     app.include_router(actions.reads, dependencies=reads)
     app.include_router(actions.writes, dependencies=[Depends(auth.write)])
     app.state.slack = slack.Interactions.from_settings(state.settings.slack)
