@@ -519,6 +519,22 @@ def _secret(value: SecretStr | None, file: Path | None) -> str | None:
     return None
 
 
+class ReportsSettings(_Section):
+    """``[reports]``: the weekly savings report, written (and announced) on a schedule."""
+
+    enabled: bool = Field(True, description="write the last complete week's report weekly")
+    weekday: Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"] = "mon"
+    hour: int = Field(7, ge=0, le=23, description="UTC")
+    out_dir: Path | None = Field(
+        None, description="where the files go; unset: <store.path's directory>/reports"
+    )
+    topic: str = Field("finopsd.reports", min_length=1, description="each report, as JSON")
+    slack_summary: bool = Field(True, description="post the headline numbers (with [slack])")
+
+    def directory(self, store_path: Path) -> Path:
+        return self.out_dir or store_path.parent / "reports"
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -585,6 +601,7 @@ class Settings(_Section):
     analyzers: AnalyzersSettings = AnalyzersSettings()
     api: ApiSettings = ApiSettings()
     actions: ActionsSettings = ActionsSettings()
+    reports: ReportsSettings = ReportsSettings()
     slack: SlackSettings = SlackSettings()
     log: LogSettings = LogSettings()
 
@@ -736,6 +753,9 @@ def _check_files(settings: Settings, prefix: str) -> None:
         if text is not None and not text.strip():
             raise ConfigError(f"{prefix}kafka.{key}: {file} is empty")
     _check_writable(settings.store.path, "store.path", "the store's file", prefix)
+    if settings.reports.enabled:
+        out = settings.reports.directory(settings.store.path)
+        _check_writable(out / "report.html", "reports.out_dir", "a directory", prefix)
     _check_api(settings, prefix)
     _check_gateway(settings, prefix)
     _check_slack(settings, prefix)
@@ -904,6 +924,7 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
         }
     )
     actions = settings.actions.model_copy(update={"gateway": gateway})
+    reports = settings.reports.model_copy(update={"out_dir": resolve(settings.reports.out_dir)})
     slack = settings.slack.model_copy(
         update={
             "webhook_url_file": resolve(settings.slack.webhook_url_file),
@@ -919,5 +940,6 @@ def _resolve_paths(settings: Settings, base: Path) -> Settings:
             "pricing": pricing,
             "api": api,
             "actions": actions,
+            "reports": reports,
         }
     )

@@ -330,6 +330,38 @@ class Daemon:
 
     # -- the API's view of the daemon -------------------------------------------------
 
+    def _make_reports(self, store: Store, producer_config: dict[str, Any]) -> Any:
+        """The weekly report's schedule (``[reports]``), not started; None: disabled."""
+        s = self.settings
+        if not s.reports.enabled:
+            return None
+        from finopsd.reports.schedule import ReportService, slack_summary
+
+        events = KafkaEvents(
+            lambda: KafkaProducer(**producer_config),
+            s.reports.topic,
+            s.kafka.request_timeout_ms / 1000,
+        )
+        announce = None
+        if s.slack.enabled and s.reports.slack_summary:
+            from finopsd.actions.slack import post
+
+            url = s.slack.webhook_url_value()
+
+            def announce(report: dict[str, Any]) -> None:
+                if url:
+                    why = post(url, slack_summary(report, s.slack.api_base_url), s.slack.timeout_s)
+                    if why is not None:
+                        raise RuntimeError(why)
+
+        return ReportService(
+            store,
+            s.reports,
+            s.reports.directory(s.store.path),
+            send=events.send,
+            announce=announce,
+        )
+
     def _make_controller(
         self, store: Store, prices: PriceBook, bootstrap: str, producer_config: dict[str, Any]
     ) -> ControllerService | None:
@@ -509,6 +541,8 @@ class Daemon:
                             1,
                         ),
                     )
+                if s.reports.enabled:
+                    ensure_topics(bootstrap, {s.reports.topic: 1})
             window = timedelta(hours=s.ingest.dedup_window_hours)
             max_bytes = s.ingest.max_record_bytes
             ts_window = TimeWindow(timedelta(seconds=s.ingest.max_future_skew_s))
@@ -586,6 +620,7 @@ class Daemon:
             api = self._api = self._make_api(
                 store, prices, analysis, actions.controller if actions else None
             )
+            reports = self._make_reports(store, producer_config)
             ingest = IngestService(self._ingestor, worker, dead_letters)
             # started in this order, stopped in reverse: ingest stores its last batch first
             self._supervisor = Supervisor(
@@ -593,6 +628,7 @@ class Daemon:
                     SelfHostedSettler(store, prices, s.pricing),
                     analysis,
                     *([actions] if actions is not None else []),
+                    *([reports] if reports is not None else []),
                     *([api] if api is not None else []),
                     ingest,
                 ]

@@ -121,3 +121,55 @@ def test_the_cli_writes_the_report_and_refuses_a_bad_week(
     assert all(len(line) <= 80 for line in text.stdout.splitlines() if str(out) not in line)
     bad = run("--week", "2026-W99")
     assert bad.returncode == 2 and "2026-W99" in bad.stderr
+
+
+def test_the_scheduled_run_writes_sends_and_announces(
+    store_with_an_action: Path, tmp_path: Path, topics: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ReportService.run_now`` (what the cron job runs): the files, the report as JSON
+    on the reports topic, its three numbers posted to a Slack stand-in."""
+    from conftest import consume_all
+    from kafka import KafkaProducer
+    from test_slack import SlackStandIn
+
+    from finopsd.actions.slack import post
+    from finopsd.config import ReportsSettings
+    from finopsd.ingest.broker import ensure_topics
+    from finopsd.reports.schedule import ReportService, slack_summary
+    from finopsd.service.actions import KafkaEvents
+
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    topic = f"reports.{topics.group}"
+    ensure_topics(topics.bootstrap, {topic: 1})
+    events = KafkaEvents(lambda: KafkaProducer(bootstrap_servers=topics.bootstrap), topic, 30)
+    slack = SlackStandIn()
+    try:
+
+        def announce(report: dict[str, Any]) -> None:
+            assert post(f"{slack.url}/hook", slack_summary(report, "https://f.example"), 5) is None
+
+        with Store(store_with_an_action, read_only=True) as store:
+            service = ReportService(
+                store,
+                ReportsSettings(topic=topic),
+                tmp_path / "reports",
+                send=events.send,
+                announce=announce,
+            )
+            service.start()
+            assert service.health()[0].ok
+            paths = service.run_now(weekly.Week.parse("2026-W11"))
+            service.stop()
+        assert paths["html"].is_file() and paths["html"].parent == tmp_path / "reports"
+        (record,) = consume_all(topics.bootstrap, topic, 1)
+        sent = json.loads(record.value)
+        assert record.key == b"2026-W11" and sent["week"] == "2026-W11"
+        assert sent["realised"]["saved_usd"] > 0
+        (message,) = slack.wait("/hook")
+        text = message.body["blocks"][0]["text"]["text"]
+        assert "Saved" in text and "measured" in text and "projected" in text
+        assert "week=2026-W11" in text
+    finally:
+        events.close()
+        slack.close()
