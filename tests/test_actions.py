@@ -592,3 +592,22 @@ def test_a_suggestion_goes_ahead_once_its_policy_becomes_auto(world: Any) -> Non
     action = c.get(action["id"])
     assert action["state"] == State.CANARY and action["mode"] == "auto"
     assert routes.writes == 1
+
+
+def test_a_target_that_cannot_be_read_delays_a_proposal_and_stops_nothing(world: Any) -> None:
+    store, routes, sink, clock = world
+
+    class Unreadable(FileRoutes):
+        broken = True
+
+        def plan(self, spec: ActionSpec, share: float | None, context: PlanContext) -> Plan:
+            if self.broken:
+                raise ActuatorError("cannot read routes.json: Permission denied")
+            return super().plan(spec, share, context)
+
+    actuator = Unreadable(routes.path)
+    c = Controller(store, settings(), BOOK, {"gateway.route": actuator}, events=sink, clock=clock)
+    assert c.tick()["proposed"] == 0 and c.list() == []
+    actuator.broken = False
+    c.tick()
+    assert [a["state"] for a in c.list()] == [State.CANARY]

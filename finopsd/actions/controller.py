@@ -238,7 +238,11 @@ class Controller:
             if why_not is not None:
                 log.debug("finding %s not proposed: %s", finding["id"], why_not)
                 continue
-            self._create(finding, spec, rule)
+            try:
+                self._create(finding, spec, rule)
+            except Exception as exc:  # e.g. the gateway's config unreadable: try next tick
+                log.warning("finding %s: no action proposed: %s", finding["id"], exc)
+                continue
             made += 1
         return made
 
@@ -362,9 +366,14 @@ class Controller:
         now = self.clock()
         open_ids = {f["id"] for f in stored_findings(self.store.cursor())}
         for action in self.list():
-            state = State(action["state"])
-            if state not in PENDING:
-                continue
+            try:
+                self._settle_pending(action, now, open_ids)
+            except Exception as exc:  # one action's failure never stops the others
+                log.warning("action %s: %s", action["id"], exc)
+
+    def _settle_pending(self, action: dict[str, Any], now: datetime, open_ids: set[str]) -> None:
+        state = State(action["state"])
+        if state in PENDING:
             if (
                 state == State.AWAITING_APPROVAL
                 and action["expires_at"] is not None
