@@ -58,6 +58,10 @@ def _call(
     from finopsd.client import DaemonClient
     from finopsd.store import StoreError
 
+    if not settings.store.path.exists():
+        raise SystemExit(
+            _fail(f"no store at {settings.store.path} (store.path): run the daemon first")
+        )
     try:
         with _Local(settings) as here:
             try:
