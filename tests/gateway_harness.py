@@ -45,8 +45,8 @@ the newest whose ``proxy`` extra resolved from the package index when it was cho
 Tests get the fixtures (``upstreams``, ``litellm_proxy``) with
 ``pytest_plugins = ("gateway_harness",)``, after
 ``pytest.register_assert_rewrite("gateway_harness")`` and before importing from
-it (see tests/test_gateway_harness.py). They skip when the proxy is not installed
-(``make test`` installs it).
+it (see tests/test_gateway_harness.py). They fail, saying so, when the proxy is not
+installed (``make test`` installs it): a test that cannot run is not a pass.
 """
 
 from __future__ import annotations
@@ -486,7 +486,7 @@ class LiteLLMProxy:
         """
         assert not self.alive, "the proxy already runs"
         if not self.binary.exists():
-            pytest.skip(f"no LiteLLM proxy at {self.binary}: run `make litellm`")
+            pytest.fail(f"no LiteLLM proxy at {self.binary}: run `make litellm` (make test does)")
         if write:
             self.write_config()
         began = time.monotonic()
@@ -782,14 +782,14 @@ def litellm_proxy(
 ) -> Iterator[Callable[..., LiteLLMProxy]]:
     """``litellm_proxy(config, partitions=1, **kwargs)``: a started, ready ``LiteLLMProxy``
     on the session broker, logging to a topic of its own (``proxy.topic``, created
-    with ``partitions``); ``kwargs`` go to ``LiteLLMProxy``. Skips when the proxy is
+    with ``partitions``); ``kwargs`` go to ``LiteLLMProxy``. Fails when the proxy is
     not installed. Every proxy's process group is ended when the module's tests are
     done, whatever their outcome."""
     started: list[LiteLLMProxy] = []
 
     def make(config: Mapping[str, Any], *, partitions: int = 1, **kwargs: Any) -> LiteLLMProxy:
         if not LITELLM_BIN.exists() and "binary" not in kwargs:
-            pytest.skip(f"no LiteLLM proxy at {LITELLM_BIN}: run `make litellm`")
+            pytest.fail(f"no LiteLLM proxy at {LITELLM_BIN}: run `make litellm` (make test does)")
         topic = f"litellm.{uuid.uuid4().hex[:12]}"
         ensure_topics(broker.bootstrap, {topic: partitions})
         proxy = LiteLLMProxy(

@@ -203,7 +203,7 @@ def run_sdk(bootstrap: str, topic: str, run: str) -> dict[str, Any]:
     """SDK_SCRIPT in .venv-litellm's interpreter: a completion() and an acompletion()."""
     python = LITELLM_BIN.parent / "python"
     if not python.exists():
-        pytest.skip(f"no LiteLLM interpreter at {python}: run `make litellm`")
+        pytest.fail(f"no LiteLLM interpreter at {python}: run `make litellm` (make test does)")
     drop = ("FINOPSD_", "VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME", "LITELLM_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env.update(
