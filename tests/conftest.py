@@ -180,6 +180,24 @@ def make_config(tmp_path: Path, topics: Topics) -> Callable[..., DaemonSetup]:
     return make
 
 
+def cli(setup: DaemonSetup, *args: str) -> subprocess.CompletedProcess[str]:
+    """``finopsd ARGS --config <setup's config>`` as a subprocess, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "finopsd", *args, "--config", str(setup.config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=clean_env(),
+    )
+
+
+def daemon_api(setup: DaemonSetup) -> tuple[str, dict[str, str]]:
+    """The running daemon's URL (from its address file) and the auth header."""
+    address = json.loads(setup.store.with_name(setup.store.name + ".api").read_text())
+    token = setup.store.with_name(setup.store.name + ".api-token").read_text().strip()
+    return address["url"], {"Authorization": f"Bearer {token}"}
+
+
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The test's environment without inherited FINOPSD_* settings, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FINOPSD_")}

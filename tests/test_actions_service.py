@@ -11,13 +11,12 @@ as a real one would.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any
 
 import httpx
-from conftest import DaemonProcess, DaemonSetup, Topics, clean_env, consume_all, wait_for
+from conftest import DaemonProcess, DaemonSetup, Topics, cli, consume_all, wait_for
+from conftest import daemon_api as api
 from kafka import KafkaProducer
 from test_actions import history
 
@@ -26,22 +25,6 @@ from finopsd.store import Store
 
 MakeConfig = Callable[..., DaemonSetup]
 Daemons = Callable[..., DaemonProcess]
-
-
-def cli(setup: DaemonSetup, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "finopsd", *args, "--config", str(setup.config)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=clean_env(),
-    )
-
-
-def api(setup: DaemonSetup) -> tuple[str, dict[str, str]]:
-    address = json.loads(setup.store.with_name(setup.store.name + ".api").read_text())
-    token = setup.store.with_name(setup.store.name + ".api-token").read_text().strip()
-    return address["url"], {"Authorization": f"Bearer {token}"}
 
 
 def test_approve_a_command_through_the_cli_and_see_every_step_on_kafka(

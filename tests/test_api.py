@@ -7,8 +7,6 @@ import csv
 import io
 import itertools
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,11 +18,14 @@ from conftest import (
     DaemonProcess,
     DaemonSetup,
     Topics,
-    clean_env,
+    cli,
     next_offsets,
     produce_messages,
     wait_consumed,
     wait_for,
+)
+from conftest import (
+    daemon_api as api,
 )
 
 from finopsd.ingest.loadgen import UsageLoad
@@ -32,23 +33,6 @@ from finopsd.ingest.loadgen import UsageLoad
 MakeConfig = Callable[..., DaemonSetup]
 Daemons = Callable[..., DaemonProcess]
 N = 3000
-
-
-def cli(setup: DaemonSetup, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "finopsd", *args, "--config", str(setup.config)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=clean_env(),
-    )
-
-
-def api(setup: DaemonSetup) -> tuple[str, dict[str, str]]:
-    """The running daemon's URL (from its address file) and the auth header."""
-    address = json.loads(setup.store.with_name(setup.store.name + ".api").read_text())
-    token = setup.store.with_name(setup.store.name + ".api-token").read_text().strip()
-    return address["url"], {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture

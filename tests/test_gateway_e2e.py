@@ -11,7 +11,6 @@ behind them (``gpt-4o``, ``gpt-4o-mini``), priced by the shipped catalog.
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import sys
@@ -28,7 +27,7 @@ import pytest
 pytest.register_assert_rewrite("gateway_harness")
 pytest_plugins = ("gateway_harness",)
 
-from conftest import DaemonProcess, DaemonSetup, wait_for  # noqa: E402
+from conftest import DaemonProcess, DaemonSetup, daemon_api, wait_for  # noqa: E402
 from gateway_harness import (  # noqa: E402
     RELOAD_CLIENT,
     LiteLLMProxy,
@@ -180,18 +179,8 @@ def make_loop(
     )
     daemon = daemons(setup).start()
     daemon.wait_ready()
-    address = json.loads(setup.store.with_name(setup.store.name + ".api").read_text())
-    token = setup.store.with_name(setup.store.name + ".api-token").read_text().strip()
-    return Loop(
-        proxy,
-        strong,
-        cheap,
-        manager,
-        setup,
-        daemon,
-        address["url"],
-        {"Authorization": f"Bearer {token}"},
-    )
+    url, auth = daemon_api(setup)
+    return Loop(proxy, strong, cheap, manager, setup, daemon, url, auth)
 
 
 @pytest.fixture
@@ -366,8 +355,7 @@ def test_a_daemon_killed_between_writing_and_recording_is_reconciled_once(
     assert written != original and loop.manager.restarts == 0  # written, not yet live
     again = daemons(loop.setup).start()
     again.wait_ready()
-    address = json.loads(loop.setup.store.with_name(loop.setup.store.name + ".api").read_text())
-    loop.url, loop.daemon = address["url"], again
+    loop.url, loop.daemon = daemon_api(loop.setup)[0], again
     done = loop.wait_state(action["id"], {"canary"})
     assert loop.manager.restarts == 1  # made live once, by the new process
     assert loop.proxy.config_path.read_text() == written
