@@ -10,7 +10,7 @@ LITELLM_VENV    ?= .venv-litellm
 LITELLM_VERSION := 1.108.7
 LITELLM_STAMP   := $(LITELLM_VENV)/.installed-$(LITELLM_VERSION)
 
-.PHONY: install litellm run test lint bench clean
+.PHONY: install litellm demo run test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ $(LITELLM_STAMP):
 ## litellm: the LiteLLM proxy (with kafka-python, for finopsd's callback) in $(LITELLM_VENV)
 litellm: $(LITELLM_STAMP)
 
+## demo: the whole loop on real parts (a LiteLLM proxy, Slack's side played locally): the report in ./out
+demo: install litellm
+	$(BIN)/python demo/run.py --out out
+
 ## run: start the daemon on the embedded default (a local Kafka-protocol broker, a DuckDB file)
 run: install
 	$(BIN)/finopsd run --config $(CONFIG)
@@ -41,8 +45,8 @@ test: install litellm
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check finopsd tests bench
-	$(BIN)/ruff format --check finopsd tests bench
+	$(BIN)/ruff check finopsd tests bench demo
+	$(BIN)/ruff format --check finopsd tests bench demo
 
 ## bench: ingest throughput against plain kafka-python consumption (N events, default 1,000,000)
 bench: install
