@@ -6,7 +6,8 @@
    restarts the proxy when asked (as ``systemctl restart litellm`` would).
 2. A week of history for one feature (acme / support / answer), its request sizes
    from the Azure LLM inference trace 2023 in ``../shared/data``: on ``gpt-4o``
-   (quality 0.95) with some traffic on ``gpt-4o-mini`` (0.90) beside it.
+   (quality 0.95) with some traffic on ``gpt-4o-mini`` (0.90) beside it. The live
+   traffic sent through the proxy later takes the trace's next requests' sizes.
 3. ``finopsd run``: ingests the history and the proxy's records; routing finds that
    the feature could run on ``gpt-4o-mini``; the controller (policy ``approve``)
    posts the action to Slack — here a local receiver that plays Slack's side of
@@ -150,10 +151,15 @@ class SlackSide:
         self.server.server_close()
 
 
+def trace_sizes() -> list[tuple[int, int]]:
+    """(context tokens, generated tokens) of each request of the Azure conversation trace."""
+    with open(TRACE, newline="") as f:
+        return [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
+
+
 def history(bootstrap: str, topic: str, days: int = 7) -> int:
     """A week of the feature's requests, sizes from the Azure trace, to the usage topic."""
-    with open(TRACE, newline="") as f:
-        sizes = [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
+    sizes = trace_sizes()
     rng = random.Random(7)
     now = datetime.now(UTC).replace(second=0, microsecond=0)
     start = now - timedelta(days=days)
@@ -318,12 +324,15 @@ out_dir = "{out}"
             a = api.get(f"/v1/actions/{action_id}").json()
             return a if a["state"] in states else None
 
+        live = itertools.cycle([(min(c, 4000), g) for c, g in trace_sizes()[3000:]] or [(500, 100)])
+
         def drive(count: int, tag: str) -> None:
             api.post(f"/v1/actions/{action_id}/pause", json={"actor": "demo", "paused": True})
             before = stored()
-            for i in range(count):
-                prompt = f"{tag} ticket {i}: " + "the customer asks about the refund " * (1 + i % 6)
-                send(proxy, "gpt-4o", prompt, tags=SCOPE)
+            for i in range(count):  # the trace's next request sizes, through the proxy
+                context, _ = next(live)
+                words = "the customer asks about a refund for order " * (context // 9 + 1)
+                send(proxy, "gpt-4o", f"{tag} ticket {i}: {words}", tags=SCOPE)
             wait(lambda: stored() >= before + count, "the live requests to be stored")
             api.post(f"/v1/actions/{action_id}/pause", json={"actor": "demo", "paused": False})
 
