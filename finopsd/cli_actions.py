@@ -109,11 +109,12 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
         print("no actions")
         return 0
     width = _width()
-    print(f"{'ACTION':<15} {'STATE':<17} {'KIND':<17} {'$/MONTH':>10}  WHY")
+    # the finding's projection, not a saving: `actions savings` shows what was measured
+    print(f"{'ACTION':<15} {'STATE':<17} {'KIND':<17} {'PROJECTED':>12}  WHY")
     for a in out["actions"]:
         line = (
             f"{a['id']:<15} {a['state']:<17} {a['actuator']:<17} "
-            f"{_money(a['monthly_savings_usd']):>10}  {a['reason']}"
+            f"{_money(a['monthly_savings_usd']) + '/mo':>12}  {a['reason']}"
         )
         print(line if len(line) <= width else line[: width - 1] + "…")
     return 0

@@ -161,6 +161,19 @@ def request(
     }
 
 
+def routed(
+    tag: str, start: datetime, statuses: list[str], *, quality: float | None = None
+) -> list[dict[str, Any]]:
+    """Requests of the scope asked for ``big`` and answered by ``mid``, as a gateway logs
+    them after a reroute: one a minute from ``start``, with these statuses."""
+    rows = []
+    for i, status in enumerate(statuses):
+        row = request(f"{tag}{i}", start + timedelta(minutes=i), "mid", quality, status=status)
+        row["request_model"], row["response_model"] = "big", "mid"
+        rows.append(row)
+    return rows
+
+
 def history(store: Store) -> None:
     """Four days before NOW: the scope on big (600 requests, 0.95), mid beside it (1,000
     requests, 0.88: enough samples for a confident finding)."""
@@ -327,13 +340,7 @@ def test_errors_after_the_switch_roll_back(world: Any) -> None:
     c.tick()
     (action,) = c.list()
     clock.now += timedelta(minutes=1)
-    rows = [
-        request(f"x{i}", clock.now + timedelta(minutes=i), "mid", None, status="error")
-        for i in range(60)
-    ]
-    for row in rows:
-        row["request_model"], row["response_model"] = "big", "mid"
-    insert(store, rows)
+    insert(store, routed("x", clock.now, ["error"] * 60))
     clock.now += timedelta(minutes=100)
     c.tick()
     action = c.get(action["id"])
@@ -550,13 +557,7 @@ def test_a_few_failures_fail_a_canary_before_min_requests(world: Any) -> None:
     c.tick()
     (action,) = c.list()
     clock.now += timedelta(minutes=1)
-    rows = [
-        request(f"few{i}", clock.now + timedelta(minutes=i), "mid", None, status="error")
-        for i in range(6)
-    ]
-    for row in rows:
-        row["request_model"], row["response_model"] = "big", "mid"
-    insert(store, rows)
+    insert(store, routed("few", clock.now, ["error"] * 6))
     clock.now += timedelta(minutes=10)
     c.tick()
     action = c.get(action["id"])
@@ -569,13 +570,7 @@ def test_a_few_failures_fail_a_canary_before_min_requests(world: Any) -> None:
     c.tick()
     (action,) = [a for a in c.list() if a["state"] == State.CANARY]
     clock.now += timedelta(minutes=1)
-    rows = [
-        request(f"one{i}", clock.now + timedelta(minutes=i), "mid", 0.88, status=s)
-        for i, s in enumerate(["error", "ok", "ok", "ok", "ok", "ok"])
-    ]
-    for row in rows:
-        row["request_model"], row["response_model"] = "big", "mid"
-    insert(store, rows)
+    insert(store, routed("one", clock.now, ["error", "ok", "ok", "ok", "ok", "ok"], quality=0.88))
     clock.now += timedelta(minutes=10)
     c.tick()
     assert c.get(action["id"])["state"] == State.CANARY

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import duckdb
 
+from finopsd import views
 from finopsd.actions import ledger
 from finopsd.actions.base import Actuator, ActuatorError, Plan, PlanContext
 from finopsd.actions.lifecycle import FINAL, LIVE, PENDING, State, check
@@ -353,13 +354,9 @@ class Controller:
                 f"${action['monthly_savings_usd']:,.2f}/month at stake is above "
                 f"max_auto_monthly_usd ${limit:,.2f}: approval needed",
             )
-        today = self._applied_today(action["actuator"])
-        if rule.max_actions_per_day is not None and today >= rule.max_actions_per_day:
-            return Decision(
-                State.PROPOSED,
-                f"waiting: {today} {action['actuator']} action(s) applied today "
-                f"(max_actions_per_day {rule.max_actions_per_day})",
-            )
+        waiting = self._over_daily_limit(action, rule)
+        if waiting is not None:
+            return Decision(State.PROPOSED, waiting)
         return Decision(State.APPROVED, f"policy for {action['actuator']} is auto")
 
     def _expire_and_suppress(self) -> None:
@@ -406,13 +403,9 @@ class Controller:
         rule = self.settings.rule(action["actuator"], action["tenant"])
         if self.settings.dry_run:
             return self._hold(action, "dry run (actions.dry_run): approved, not applied")
-        today = self._applied_today(action["actuator"])
-        if rule.max_actions_per_day is not None and today >= rule.max_actions_per_day:
-            return self._hold(
-                action,
-                f"waiting: {today} {action['actuator']} action(s) applied today "
-                f"(max_actions_per_day {rule.max_actions_per_day})",
-            )
+        waiting = self._over_daily_limit(action, rule)
+        if waiting is not None:
+            return self._hold(action, waiting)
         return self._apply_step(action, self._first_share(_spec(action["spec"]), rule), first=True)
 
     def _apply_step(self, action: dict[str, Any], share: float | None, *, first: bool) -> bool:
@@ -847,12 +840,7 @@ class Controller:
     # -- helpers ----------------------------------------------------------------------------
 
     def _finding(self, finding_id: str) -> dict[str, Any] | None:
-        con = self.store.cursor()
-        for status in ("open", "resolved"):
-            for f in stored_findings(con, status=status):
-                if f["id"] == finding_id:
-                    return f
-        return None
+        return views.finding(self.store.cursor(), finding_id)
 
     def _baseline(self, finding: dict[str, Any], spec: ActionSpec) -> dict[str, Any]:
         """What is live before the action, as far as verification and the ledger need it:
@@ -913,6 +901,16 @@ class Controller:
         )
         step = min(self.settings.verify.canary_share, rule.max_share_step or 1.0)
         return min(target, step) if target > 0 else None
+
+    def _over_daily_limit(self, action: dict[str, Any], rule: PolicyRule) -> str | None:
+        """Why ``action`` must wait for tomorrow (``max_actions_per_day``), or None."""
+        today = self._applied_today(action["actuator"])
+        if rule.max_actions_per_day is None or today < rule.max_actions_per_day:
+            return None
+        return (
+            f"waiting: {today} {action['actuator']} action(s) applied today "
+            f"(max_actions_per_day {rule.max_actions_per_day})"
+        )
 
     def _applied_today(self, kind: str) -> int:
         day = self.clock().replace(hour=0, minute=0, second=0, microsecond=0)

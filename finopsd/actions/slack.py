@@ -60,6 +60,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from finopsd import views
 from finopsd.actions.controller import TRAFFIC_KINDS
 from finopsd.actions.lifecycle import State
 from finopsd.config import ActionsSettings, SlackSettings
@@ -457,7 +458,7 @@ def action_message(
     canary plan as ``actions`` (the controller's settings) has it."""
     return approval_message(
         action,
-        stored_finding(store, str(action["finding_id"])),
+        views.finding(store.cursor(), str(action["finding_id"])),
         canary=canary_plan(action, actions),
         api_base_url=slack.api_base_url,
         approvers=slack.approvers,
@@ -672,19 +673,6 @@ def posted(store: Store, audit_seq: int) -> bool:
         .fetchone()
     )
     return bool(row and row[0])
-
-
-def stored_finding(store: Store, finding_id: str) -> dict[str, Any] | None:
-    """A stored finding (open or resolved) as a dict, its JSON columns parsed; None if gone."""
-    cur = store.cursor().execute("SELECT * FROM findings WHERE id = ?", [finding_id])
-    names = [d[0] for d in cur.description or []]
-    row = cur.fetchone()
-    if row is None:
-        return None
-    item = dict(zip(names, row, strict=True))
-    for key in ("scope", "evidence", "action"):
-        item[key] = _json(item.get(key))
-    return item
 
 
 # -- the observer ---------------------------------------------------------------------------------
